@@ -1,0 +1,103 @@
+"""Backend registry, availability, and the rules of ``backend="auto"`` — all in one place."""
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from .backends import Backend
+
+__all__ = ["BackendUnavailableError", "available_backends", "get_backend", "resolve_backend", "BACKEND_NAMES"]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run in this process (not built, not installed, no device)."""
+
+
+# Concrete implementations, by the name the ops receive, and where each lives.
+# "torch_bmm" and "torch_conv" are the two formulations of the pure-PyTorch backend.
+_IMPLEMENTATIONS = {
+    "torch_bmm": ("hyperkernels.backends.torch", "bmm"),
+    "torch_conv": ("hyperkernels.backends.torch", "conv"),
+    "triton": ("hyperkernels.backends.triton", None),
+    "cuda": ("hyperkernels.backends.cuda", None),
+}
+
+# Names a user may pass as ``backend=``.
+BACKEND_NAMES = ("auto", "torch", *_IMPLEMENTATIONS)
+
+
+@lru_cache(maxsize=None)
+def get_backend(name: str) -> Backend:
+    """The backend object of a concrete implementation name (not "auto" / "torch")."""
+    if name not in _IMPLEMENTATIONS:
+        raise ValueError(f"backend: expected one of {list(_IMPLEMENTATIONS)}, got {name!r}")
+    module_name, variant = _IMPLEMENTATIONS[name]
+    return importlib.import_module(module_name).make_backend(variant)
+
+
+def _unavailable_reason(name: str) -> Optional[str]:
+    try:
+        backend = get_backend(name)
+    except ImportError as exc:  # the backend's own dependency is missing
+        return f"importing it failed: {exc}"
+    return backend.unavailable_reason()
+
+
+def available_backends() -> dict[str, Optional[str]]:
+    """``{name: None if usable else the reason it is not}`` for every concrete backend."""
+    return {name: _unavailable_reason(name) for name in _IMPLEMENTATIONS}
+
+
+# -- the "auto" rules ----------------------------------------------------------------------------
+
+# The pure-PyTorch formulation: bmm. Measured on this project's 2-core CPU (bench/torch_formulations.py,
+# table in bench/results/cpu_torch_formulations.md), bmm is faster than grouped Conv1d (groups = B) for
+# forward+backward on every shape tried, in both layouts, by 1.1x to 4x; grouped conv only wins some
+# channel-major forward passes at N >= 1024, and not consistently. "torch_conv" stays selectable by name.
+_TORCH_FORMULATION = "torch_bmm"
+
+
+# Triton on CUDA for the dtypes it has kernels for: one fused launch (bias and activation in the epilogue,
+# strided weights read in place) against bmm's separate matmul, bias and activation passes. float64 has no
+# tensor-core path there, and on CPU Triton is only the interpreter, a test tool: both stay on torch.
+# (Expected from the design, not yet measured on a GPU.)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# Under torch.compile dynamo runs this eagerly and keeps the answer as a constant: traced, get_backend's
+# import_module would break the graph.
+@torch.compiler.assume_constant_result
+def _triton_usable() -> bool:
+    return _unavailable_reason("triton") is None
+
+
+def _auto(*, op, device, dtype, batch, n, k, m, channel_major) -> str:
+    if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_usable():
+        return "triton"
+    return _TORCH_FORMULATION
+
+
+def resolve_backend(
+    requested: str, *, op: str, device: torch.device, dtype: torch.dtype, batch: int, n: int, k: int, m: int,
+    channel_major: bool = False,
+) -> str:
+    """Turn the user's ``backend=`` into a concrete implementation name, or raise a clear error."""
+    if not isinstance(requested, str):
+        raise TypeError(f"backend: expected a string, one of {list(BACKEND_NAMES)}, got {type(requested).__name__}")
+    if requested not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of {list(BACKEND_NAMES)}, got {requested!r}")
+    if batch == 0 or n == 0 or k == 0 or m == 0:
+        return "torch_bmm"  # empty problems: bmm handles every empty size and keeps autograd intact
+    if requested == "auto":
+        return _auto(op=op, device=device, dtype=dtype, batch=batch, n=n, k=k, m=m, channel_major=channel_major)
+    name = _TORCH_FORMULATION if requested == "torch" else requested
+    reason = _unavailable_reason(name)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={requested!r} is not available: {reason}")
+    reason = get_backend(name).check_support(device, dtype)
+    if reason is not None:
+        raise ValueError(f"backend={requested!r} cannot run {op} here: {reason}")
+    return name

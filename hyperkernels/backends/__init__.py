@@ -1,0 +1,46 @@
+"""Backends: the code that computes each op, behind one interface.
+
+A backend is an object with a ``name`` and, for each op it implements, a forward and a backward
+function. The op layer (``hyperkernels/ops``) calls them; it never looks inside.
+
+Conventions every backend keeps (see ``../shared/DESIGN.md``):
+
+* Per-sample linear, ``linear_forward(x, weight, bias, act, w0, channel_major, save_preact)``:
+  ``x`` is ``(B, N, K)`` (``channel_major=False``, token-major) or ``(B, K, S)`` (``channel_major=True``,
+  the 1x1 conv layout), with any strides; ``weight (B, M, K)`` and ``bias (B, M)`` or None, any strides
+  (batch stride 0 for a weight shared by every sample). Returns ``(y, preact)``: ``y`` contiguous
+  ``(B, N, M)`` or ``(B, M, S)``; ``preact`` the pre-activation in the same layout when ``save_preact``,
+  else an empty tensor. ``act`` is an :class:`~hyperkernels.activations.Activation`.
+* ``linear_backward(grad_y, x, weight, bias, y, preact, act, w0, channel_major, output_mask)`` returns
+  ``(dx, dweight, dbias)``, each contiguous (``dx`` in ``x``'s layout) or None where ``output_mask``
+  says it is not needed. ``preact`` may be empty: a backend recomputes it when the activation's
+  derivative needs it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+from torch import Tensor
+
+from ..activations import Activation
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable_reason(self) -> Optional[str]:
+        """None when usable in this process, else why not and how to get it."""
+
+    def check_support(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """None when tensors of this device and dtype are supported, else why not."""
+
+    def linear_forward(
+        self, x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activation, w0: float,
+        channel_major: bool, save_preact: bool,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def linear_backward(
+        self, grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, preact: Tensor,
+        act: Activation, w0: float, channel_major: bool, output_mask: tuple[bool, bool, bool],
+    ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]: ...

@@ -1,0 +1,96 @@
+"""The functional API: validate once, pick a backend, call the op."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validate
+from ._dispatch import resolve_backend
+from .activations import DEFAULT_SINE_W0, get_activation
+from .backends.torch import linear as torch_linear
+from .ops.linear import batched_linear_op
+
+__all__ = ["batched_linear", "batched_conv1x1"]
+
+
+def _grad_will_be_needed(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _run_linear(x3, weight, bias, activation, w0, backend, channel_major, op):
+    act = get_activation(activation)
+    w0 = _validate.check_w0(w0)
+    if channel_major:
+        batch, k, n = x3.shape
+    else:
+        batch, n, k = x3.shape
+    impl = resolve_backend(
+        backend, op=op, device=x3.device, dtype=x3.dtype, batch=batch, n=n, k=k, m=weight.shape[1],
+        channel_major=channel_major,
+    )
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vmap, jacrev...) rejects custom ops whose autograd comes from register_autograd
+        # (pytorch/pytorch#170834, open in torch 2.13): under a transform the op runs as its pure-PyTorch
+        # composition, which every transform understands.
+        return torch_linear.linear_forward(x3, weight, bias, act, w0, channel_major, False, "bmm")[0]
+    save_preact = act.needs_preactivation and _grad_will_be_needed(x3, weight, bias)
+    y, _ = batched_linear_op(x3, weight, bias, act.name, w0, channel_major, save_preact, impl)
+    return y
+
+
+def batched_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: Optional[str] = None,
+    w0: float = DEFAULT_SINE_W0, backend: str = "auto",
+) -> Tensor:
+    r"""Per-sample linear layer: ``y[b] = act(x[b] @ weight[b].T + bias[b])``.
+
+    Args:
+        x: ``(B, in)`` or ``(B, N, in)``.
+        weight: ``(B, out, in)``, any strides (a view of a flat ``(B, P)`` hypernetwork output, or an
+            ``expand`` of one weight shared by every sample, is read in place).
+        bias: ``(B, out)`` or None.
+        activation: None, "relu", "gelu", "silu", "tanh", "sigmoid" or "sine" (``sin(w0 * z)``).
+        w0: the frequency of "sine".
+        backend: "auto", "torch" (or its formulations "torch_bmm", "torch_conv"), or another registered
+            backend (see :func:`hyperkernels.available_backends`).
+
+    Returns:
+        ``(B, out)`` or ``(B, N, out)``, contiguous, in the dtype of ``x``.
+
+    Example::
+
+        >>> x, w, b = torch.randn(8, 5, 3), torch.randn(8, 4, 3), torch.randn(8, 4)
+        >>> batched_linear(x, w, b, activation="relu").shape
+        torch.Size([8, 5, 4])
+    """
+    _validate.check_linear(x, weight, bias)
+    single = x.dim() == 2
+    y = _run_linear(x.unsqueeze(1) if single else x, weight, bias, activation, w0, backend, False, "batched_linear")
+    return y.squeeze(1) if single else y
+
+
+def batched_conv1x1(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: Optional[str] = None,
+    w0: float = DEFAULT_SINE_W0, backend: str = "auto",
+) -> Tensor:
+    r"""Per-sample 1x1 convolution: ``y[b, :, p] = act(weight[b] @ x[b, :, p] + bias[b])`` at every
+    spatial position ``p``.
+
+    Args:
+        x: ``(B, C_in, *spatial)`` with 1, 2 or 3 spatial dims. Spatial dims that cannot be merged
+            into one stride (e.g. ``x[..., ::2, ::2]``) are copied once; all others are read in place.
+        weight: ``(B, C_out, C_in)``, or with trailing 1-sized kernel dims like ``nn.Conv2d.weight``.
+        bias: ``(B, C_out)`` or None.
+        activation, w0, backend: as in :func:`batched_linear`.
+
+    Returns:
+        ``(B, C_out, *spatial)``, contiguous.
+    """
+    _validate.check_conv1x1(x, weight, bias)
+    spatial = x.shape[2:]
+    weight3 = weight.reshape(weight.shape[:3])  # drops the trailing 1-sized dims: always a view
+    x3 = x.flatten(2)
+    y = _run_linear(x3, weight3, bias, activation, w0, backend, True, "batched_conv1x1")
+    return y.view(*y.shape[:2], *spatial)

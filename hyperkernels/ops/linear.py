@@ -1,0 +1,127 @@
+"""``hyperkernels::batched_linear`` and its backward, registered with ``torch.library``.
+
+Both linear (token-major) and 1x1 conv (channel-major) layouts go through this one op pair; the
+``channel_major`` flag tells the backend which one it is looking at.
+
+The forward returns ``(y, preact)``: the pre-activation is kept only when the activation's derivative
+needs it and a gradient will be asked for (otherwise it is an empty tensor, and the backward
+recomputes it if it turns out to be needed after all).
+
+Double backward: the backward op's own autograd formula differentiates the pure-PyTorch backward
+(``backends/torch/linear.py``), whatever backend ran the first two passes.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .._dispatch import get_backend
+from ..activations import get_activation
+from ..backends.torch import linear as torch_linear
+
+
+def _output_shape(x: Tensor, weight: Tensor, channel_major: bool) -> tuple[int, int, int]:
+    if channel_major:
+        return (x.shape[0], weight.shape[1], x.shape[2])
+    return (x.shape[0], x.shape[1], weight.shape[1])
+
+
+@torch.library.custom_op("hyperkernels::batched_linear", mutates_args=())
+def batched_linear_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, w0: float, channel_major: bool,
+    save_preact: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    return get_backend(backend).linear_forward(
+        x, weight, bias, get_activation(activation), w0, channel_major, save_preact
+    )
+
+
+@batched_linear_op.register_fake
+def _(x, weight, bias, activation, w0, channel_major, save_preact, backend):
+    shape = _output_shape(x, weight, channel_major)
+    keep = save_preact and get_activation(activation).needs_preactivation
+    return x.new_empty(shape), x.new_empty(shape if keep else (0,))
+
+
+@torch.library.custom_op("hyperkernels::batched_linear_backward", mutates_args=())
+def batched_linear_backward_op(
+    grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, preact: Tensor,
+    activation: str, w0: float, channel_major: bool, output_mask: Sequence[bool], backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    grads = get_backend(backend).linear_backward(
+        grad_y, x, weight, bias, y, preact, get_activation(activation), w0, channel_major, tuple(output_mask)
+    )
+    # A custom op cannot return None: an empty tensor stands for "not asked for".
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@batched_linear_backward_op.register_fake
+def _(grad_y, x, weight, bias, y, preact, activation, w0, channel_major, output_mask, backend):
+    shapes = (x.shape, weight.shape, weight.shape[:2])
+    return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask))
+
+
+# -- autograd of the forward ---------------------------------------------------------------------
+
+def _forward_setup_context(ctx, inputs, output):
+    x, weight, bias, activation, w0, channel_major, save_preact, backend = inputs
+    y, preact = output
+    ctx.save_for_backward(x, weight, bias, y, preact)
+    ctx.attrs = (activation, w0, channel_major, backend)
+
+
+def _forward_backward(ctx, grad_y, grad_preact):
+    x, weight, bias, y, preact = ctx.saved_tensors
+    activation, w0, channel_major, backend = ctx.attrs
+    mask = list(ctx.needs_input_grad[:3])
+    if bias is None:
+        mask[2] = False
+    dx, dw, db = batched_linear_backward_op(
+        grad_y, x, weight, bias, y, preact, activation, w0, channel_major, mask, backend
+    )
+    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
+            None, None, None, None, None)
+
+
+batched_linear_op.register_autograd(_forward_backward, setup_context=_forward_setup_context)
+
+
+# -- autograd of the backward (double backward) --------------------------------------------------
+
+def _backward_setup_context(ctx, inputs, output):
+    grad_y, x, weight, bias, y, preact, activation, w0, channel_major, output_mask, backend = inputs
+    ctx.save_for_backward(grad_y, x, weight, bias)
+    ctx.attrs = (activation, w0, channel_major, tuple(output_mask))
+
+
+def _backward_backward(ctx, grad_dx, grad_dw, grad_db):
+    grad_y, x, weight, bias = ctx.saved_tensors
+    activation, w0, channel_major, output_mask = ctx.attrs
+    act = get_activation(activation)
+    create_graph = torch.is_grad_enabled()
+    inputs = [grad_y, x, weight, bias]
+    with torch.enable_grad():
+        # Tensors that need no gradient become leaves so that autograd.grad can still see them.
+        leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in inputs]
+        g_y, x_, w_, b_ = leaves
+        z = torch_linear.preactivation(x_, w_, b_, channel_major, "bmm")
+        y_ = act.forward(z, w0)
+        grads = torch_linear.linear_backward(g_y, x_, w_, b_, y_, z, act, w0, channel_major, output_mask, "bmm")
+        pairs = [(g, gg) for g, gg in zip(grads, (grad_dx, grad_dw, grad_db)) if g is not None and gg is not None]
+        wrt = [t for t in leaves if t is not None]
+        # retain_graph: grad_y can be a non-leaf of the caller's graph (e.g. 2*y from y**2), whose saved
+        # values the caller still needs; without it this inner call frees them.
+        results = torch.autograd.grad(
+            [g for g, _ in pairs], wrt, [gg for _, gg in pairs], create_graph=create_graph, retain_graph=True,
+            allow_unused=True
+        ) if pairs else [None] * len(wrt)
+    by_input = iter(results)
+    out = [None if t is None else next(by_input) for t in leaves]
+    needs = ctx.needs_input_grad
+    out = [g if needs[i] else None for i, g in enumerate(out)]
+    return (*out, None, None, None, None, None, None, None)
+
+
+batched_linear_backward_op.register_autograd(_backward_backward, setup_context=_backward_setup_context)

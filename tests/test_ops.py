@@ -1,0 +1,99 @@
+"""The torch.library ops: opcheck, gradcheck / gradgradcheck, torch.compile without graph breaks."""
+import pytest
+import torch
+
+import hyperkernels as hk
+from conftest import backend_params, supports
+from hyperkernels.ops import batched_linear_backward_op, batched_linear_op
+
+
+def _flat_views(batch, m, k, dtype, device):
+    flat = torch.randn(batch, 1 + m * k + m, dtype=dtype, device=device, requires_grad=True)
+    return flat[:, 1 : 1 + m * k].view(batch, m, k), flat[:, 1 + m * k :]
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+@pytest.mark.parametrize("channel_major", [False, True], ids=["token_major", "channel_major"])
+@pytest.mark.parametrize("activation, save_preact", [("none", False), ("relu", False), ("gelu", True), ("sine", False)])
+def test_opcheck(backend_device, channel_major, activation, save_preact):
+    backend, device = backend_device
+    weight, bias = _flat_views(3, 5, 4, torch.float32, device)
+    x = torch.randn(3, 4, 7, device=device) if channel_major else torch.randn(3, 7, 4, device=device)
+    x.requires_grad_()
+    torch.library.opcheck(batched_linear_op, (x, weight, bias, activation, 2.0, channel_major, save_preact, backend))
+    y, preact = batched_linear_op(x, weight, bias, activation, 2.0, channel_major, save_preact, backend)
+    # y and preact enter the backward op as saved values; its formula differentiates through x, weight, bias.
+    args = (torch.randn_like(y), x, weight, bias, y.detach(), preact.detach(), activation, 2.0, channel_major,
+            [True, True, True], backend)
+    torch.library.opcheck(batched_linear_backward_op, args)
+
+
+@pytest.mark.parametrize("backend", ["torch_bmm", "torch_conv"])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "silu", "tanh", "sigmoid", "sine"])
+@pytest.mark.parametrize("op", ["linear", "conv1x1"])
+def test_gradcheck_and_gradgradcheck(backend, activation, op):
+    weight, bias = _flat_views(3, 4, 5, torch.float64, "cpu")
+    weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+    if op == "linear":
+        x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+        fn = lambda x, w, b: hk.batched_linear(x, w, b, activation=activation, w0=2.0, backend=backend)  # noqa: E731
+    else:
+        x = torch.randn(3, 5, 2, 3, dtype=torch.float64, requires_grad=True)
+        fn = lambda x, w, b: hk.batched_conv1x1(x, w, b, activation=activation, w0=2.0, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+def test_double_backward_matches_the_torch_backend(backend_device):
+    """Whatever ran the first two passes, the second derivative is the reference's."""
+    backend, device = backend_device
+    results = []
+    for be, dev in ((backend, device), ("torch_bmm", "cpu")):
+        torch.manual_seed(1)
+        x = torch.randn(2, 3, 4, device=dev, requires_grad=True)
+        w = (torch.randn(2, 5, 4, device=dev) / 2).requires_grad_()
+        y = hk.batched_linear(x, w, activation="silu", backend=be)
+        (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        (gw,) = torch.autograd.grad(gx.sum(), w)
+        results.append(gw.cpu())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+def _two_layer_mlp(x, w1, b1, w2, b2):
+    h = hk.batched_linear(x, w1, b1, activation="relu")
+    return hk.batched_linear(h, w2, b2, activation="tanh")
+
+
+def test_torch_compile_two_layer_mlp_has_no_graph_break():
+    torch._dynamo.reset()
+    args = [torch.randn(4, 3, 5), torch.randn(4, 8, 5), torch.randn(4, 8), torch.randn(4, 2, 8), torch.randn(4, 2)]
+    args = [a.requires_grad_() for a in args]
+    explanation = torch._dynamo.explain(_two_layer_mlp)(*args)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(_two_layer_mlp, fullgraph=True)
+    out = compiled(*args)
+    expected = _two_layer_mlp(*args)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.sum(), args)
+    expected_grads = torch.autograd.grad(expected.sum(), args)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_torch_func_grad():
+    x, w, b = torch.randn(3, 2, 4), torch.randn(3, 5, 4), torch.randn(3, 5)
+    loss = lambda w: hk.batched_linear(x, w, b, activation="gelu").square().sum()  # noqa: E731
+    g = torch.func.grad(loss)(w)
+    w_ = w.clone().requires_grad_()
+    loss(w_).backward()
+    torch.testing.assert_close(g, w_.grad)
+
+
+def test_torch_func_vmap_and_jacrev():
+    """Under torch.func transforms the op runs as its PyTorch composition (pytorch/pytorch#170834)."""
+    x, w = torch.randn(6, 3, 2, 4), torch.randn(6, 3, 5, 4)
+    y = torch.vmap(lambda x, w: hk.batched_linear(x, w, activation="tanh"))(x, w)
+    torch.testing.assert_close(y, torch.tanh(x @ w.transpose(-1, -2)))
+    jac = torch.func.jacrev(lambda w: hk.batched_linear(x[0], w, activation="relu"))(w[0])
+    assert jac.shape == (3, 2, 5, 3, 5, 4)
