@@ -1,12 +1,15 @@
 """Benchmark cases: embedded default shapes, and every way of computing each of them.
 
-Every method of a case reads the same flat ``(B, P)`` "hypernetwork output" through views, and its
-forward+backward takes the gradient with respect to that flat tensor, the way users write it today.
+A case module (this one, and any listed in ``run.CASE_MODULES``) has ``default_cases(device)``, returning
+objects with ``name``, ``dtype``, ``build(device, backends) -> Problem``, ``bytes_moved(itemsize)`` and
+``flops()``. Here, every method of a case reads the same flat ``(B, P)`` "hypernetwork output" through
+views, and its forward+backward takes the gradient with respect to that flat tensor, the way users write
+it today.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -46,6 +49,9 @@ class Case:
                 layers.append(_ACT_MODULES[self.activation]())
         return nn.Sequential(*layers)
 
+    def build(self, device: torch.device, backends: list) -> "Problem":
+        return build(self, device, backends)
+
     def flops(self) -> float:
         return 2.0 * self.batch * self.n * sum(k * m for k, m in zip(self.sizes[:-1], self.sizes[1:]))
 
@@ -78,12 +84,12 @@ def default_cases(device: torch.device) -> list[Case]:
 
 @dataclass
 class Problem:
-    case: Case
-    x: torch.Tensor
-    flat: torch.Tensor
-    layout: hk.ParamLayout
-    template: nn.Module
-    methods: dict = field(default_factory=dict)
+    """What the runner times: ``methods`` (name -> forward callable), differentiated with respect to
+    ``grad_wrt``; speedups are relative to the ``baseline`` method."""
+
+    methods: dict
+    grad_wrt: tuple
+    baseline: str = "vmap(functional_call)"
 
 
 def _act(name: Optional[str]) -> Callable:
@@ -110,10 +116,14 @@ def build(case: Case, device: torch.device, backends: list[str]) -> Problem:
     flat = (torch.randn(case.batch, layout.numel, device=device) * scale).to(case.dtype).requires_grad_()
     x_shape = (case.batch, case.sizes[0], case.n) if case.channel_major else (case.batch, case.n, case.sizes[0])
     x = torch.randn(x_shape, device=device, dtype=case.dtype)
-    p = Problem(case, x, flat, layout, template)
+    p = Problem({}, (flat,))
     cm = case.channel_major
 
     def hyperkernels_method(backend):
+        fused = backend in ("auto", "torch") or hk._dispatch.implements(backend, "batched_mlp")
+        if not case.single_layer and not cm and fused:
+            # Several layers: the fused MLP, where the backend has one.
+            return lambda: hk.batched_mlp(x, flat, layout, activation=case.activation, backend=backend)
         op = hk.batched_conv1x1 if cm else hk.batched_linear
 
         def run():
@@ -165,8 +175,7 @@ def build(case: Case, device: torch.device, backends: list[str]) -> Problem:
 
 
 def forward_backward(problem: Problem, fn: Callable[[], torch.Tensor], grad_out: torch.Tensor):
-    """One training-style pass: forward, then the gradient of the flat params."""
+    """One training-style pass: forward, then the gradient of ``problem.grad_wrt``."""
     def run():
-        out = fn()
-        return torch.autograd.grad(out, problem.flat, grad_out)
+        return torch.autograd.grad(fn(), problem.grad_wrt, grad_out)
     return run

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -57,3 +57,16 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = measure_ms(lambda: a @ b, device, budget_s=0.3)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Extra device memory one call of ``fn`` allocates at its peak, above what was allocated before it
+    (CUDA only: the CPU allocator keeps no such count; None there)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20

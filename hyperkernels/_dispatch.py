@@ -25,6 +25,10 @@ _IMPLEMENTATIONS = {
     "cuda": ("hyperkernels.backends.cuda", None),
 }
 
+# The backend method that implements each op: a backend without it does not run that op.
+_OP_METHODS = {"batched_linear": "linear_forward", "batched_conv1x1": "linear_forward",
+               "batched_mlp": "mlp_forward"}
+
 # Names a user may pass as ``backend=``.
 BACKEND_NAMES = ("auto", "torch", *_IMPLEMENTATIONS)
 
@@ -38,6 +42,9 @@ def get_backend(name: str) -> Backend:
     return importlib.import_module(module_name).make_backend(variant)
 
 
+# The availability and support checks below run eagerly under torch.compile and are kept as constants:
+# traced, get_backend's import_module would break the graph.
+@torch.compiler.assume_constant_result
 def _unavailable_reason(name: str) -> Optional[str]:
     try:
         backend = get_backend(name)
@@ -67,15 +74,22 @@ _TORCH_FORMULATION = "torch_bmm"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# Under torch.compile dynamo runs this eagerly and keeps the answer as a constant: traced, get_backend's
-# import_module would break the graph.
-@torch.compiler.assume_constant_result
 def _triton_usable() -> bool:
     return _unavailable_reason("triton") is None
 
 
+@torch.compiler.assume_constant_result
+def _support_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    return get_backend(name).check_support(device, dtype)
+
+
+@torch.compiler.assume_constant_result
+def implements(name: str, op: str) -> bool:
+    return hasattr(get_backend(name), _OP_METHODS[op])
+
+
 def _auto(*, op, device, dtype, batch, n, k, m, channel_major) -> str:
-    if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_usable():
+    if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_usable() and implements("triton", op):
         return "triton"
     return _TORCH_FORMULATION
 
@@ -97,7 +111,10 @@ def resolve_backend(
     reason = _unavailable_reason(name)
     if reason is not None:
         raise BackendUnavailableError(f"backend={requested!r} is not available: {reason}")
-    reason = get_backend(name).check_support(device, dtype)
+    if not implements(name, op):
+        doing = [b for b in _IMPLEMENTATIONS if _unavailable_reason(b) is None and implements(b, op)]
+        raise ValueError(f"backend={requested!r} does not implement {op}; available backends that do: {doing}")
+    reason = _support_reason(name, device, dtype)
     if reason is not None:
         raise ValueError(f"backend={requested!r} cannot run {op} here: {reason}")
     return name

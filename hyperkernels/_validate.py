@@ -82,3 +82,13 @@ def _check_weight_bias(x, weight, bias, in_size, in_desc, in_from):
                 f"got {tuple(bias.shape)}"
             )
     check_same_dtype_device([("x", x), ("weight", weight), ("bias", bias)])
+
+
+def check_mlp(x: Tensor, params: Tensor, in_features: int) -> None:
+    """x (B, in) or (B, N, in) against flat params (B, P) (already checked against the layout)."""
+    check_tensor("x", x, "(B, in) or (B, N, in)")
+    check_ndim("x", x, (2, 3), "(B, in) or (B, N, in)")
+    check_tensor("params", params, "(B, P)")
+    check_size("x", "in_features (last dim)", x.shape[-1], in_features, "the layout's first layer")
+    check_size("params", "batch size (dim 0)", params.shape[0], x.shape[0], "x.shape[0]")
+    check_same_dtype_device([("x", x), ("params", params)])

@@ -2,14 +2,13 @@
 
 Every backend fuses the same activations. Each entry carries the integer ``code`` that the Triton and
 CUDA kernels switch on (``csrc/activations.cuh`` and ``backends/triton/activations.py`` implement the
-same codes), the PyTorch forward, and the derivative, side by side.
+same codes), the PyTorch forward, and its backward, side by side.
 
-The derivative is written in terms of the pre-activation ``z`` and the output ``y = f(z)``; where it
-can be had from ``y`` alone (``needs_preactivation`` is False) the backward needs no saved ``z``.
+The backward maps ``dL/dy`` to ``dL/dz`` from the pre-activation ``z`` and the output ``y = f(z)``; where
+the output alone is enough (``needs_preactivation`` is False) the backward needs no saved ``z``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -21,37 +20,30 @@ __all__ = ["Activation", "ACTIVATIONS", "get_activation", "DEFAULT_SINE_W0"]
 # SIREN's first-layer frequency (Sitzmann et al. 2020); the usual default for sine networks.
 DEFAULT_SINE_W0 = 30.0
 
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
 @dataclass(frozen=True)
 class Activation:
     name: str
     code: int
     forward: Callable[[Tensor, float], Tensor]
-    # derivative(z, y, w0) -> df/dz; z may be None when needs_preactivation is False.
-    derivative: Callable[[Optional[Tensor], Tensor, float], Tensor]
+    # grad(grad_y, z, y, w0) -> dL/dz; z may be None when needs_preactivation is False.
+    grad: Callable[[Tensor, Optional[Tensor], Tensor, float], Tensor]
     needs_preactivation: bool
 
 
-def _gelu_derivative(z, y, w0):
-    return 0.5 * (1.0 + torch.erf(z * _INV_SQRT2)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+_aten = torch.ops.aten
 
-
-def _silu_derivative(z, y, w0):
-    s = torch.sigmoid(z)
-    return s * (1.0 + z * (1.0 - s))
-
-
+# The grads use PyTorch's own fused backward kernels where there is one (one pass instead of computing
+# the derivative and multiplying); all are differentiable.
 _TABLE = [
-    Activation("none", 0, lambda z, w0: z, lambda z, y, w0: torch.ones_like(y), False),
-    Activation("relu", 1, lambda z, w0: torch.relu(z), lambda z, y, w0: (y > 0).to(y.dtype), False),
-    Activation("gelu", 2, lambda z, w0: torch.nn.functional.gelu(z), _gelu_derivative, True),
-    Activation("silu", 3, lambda z, w0: torch.nn.functional.silu(z), _silu_derivative, True),
-    Activation("tanh", 4, lambda z, w0: torch.tanh(z), lambda z, y, w0: 1.0 - y * y, False),
-    Activation("sigmoid", 5, lambda z, w0: torch.sigmoid(z), lambda z, y, w0: y * (1.0 - y), False),
-    Activation("sine", 6, lambda z, w0: torch.sin(w0 * z), lambda z, y, w0: w0 * torch.cos(w0 * z), True),
+    Activation("none", 0, lambda z, w0: z, lambda g, z, y, w0: g, False),
+    Activation("relu", 1, lambda z, w0: torch.relu(z), lambda g, z, y, w0: _aten.threshold_backward(g, y, 0), False),
+    Activation("gelu", 2, lambda z, w0: torch.nn.functional.gelu(z), lambda g, z, y, w0: _aten.gelu_backward(g, z),
+               True),
+    Activation("silu", 3, lambda z, w0: torch.nn.functional.silu(z), lambda g, z, y, w0: _aten.silu_backward(g, z),
+               True),
+    Activation("tanh", 4, lambda z, w0: torch.tanh(z), lambda g, z, y, w0: _aten.tanh_backward(g, y), False),
+    Activation("sigmoid", 5, lambda z, w0: torch.sigmoid(z), lambda g, z, y, w0: _aten.sigmoid_backward(g, y), False),
+    Activation("sine", 6, lambda z, w0: torch.sin(w0 * z), lambda g, z, y, w0: g * (w0 * torch.cos(w0 * z)), True),
 ]
 
 ACTIVATIONS: dict[str, Activation] = {a.name: a for a in _TABLE}

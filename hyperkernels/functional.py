@@ -1,18 +1,21 @@
 """The functional API: validate once, pick a backend, call the op."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import _validate
-from ._dispatch import resolve_backend
+from ._dispatch import get_backend, resolve_backend
 from .activations import DEFAULT_SINE_W0, get_activation
 from .backends.torch import linear as torch_linear
+from .backends.torch import mlp as torch_mlp
+from .layout import ParamLayout
 from .ops.linear import batched_linear_op
+from .ops.mlp import batched_mlp_op
 
-__all__ = ["batched_linear", "batched_conv1x1"]
+__all__ = ["batched_linear", "batched_conv1x1", "batched_mlp"]
 
 
 def _grad_will_be_needed(*tensors: Optional[Tensor]) -> bool:
@@ -94,3 +97,55 @@ def batched_conv1x1(
     x3 = x.flatten(2)
     y = _run_linear(x3, weight3, bias, activation, w0, backend, True, "batched_conv1x1")
     return y.view(*y.shape[:2], *spatial)
+
+
+def batched_mlp(
+    x: Tensor, params: Union[Tensor, Mapping[str, Tensor]], layout: ParamLayout, *, activation: Optional[str] = "relu",
+    output_activation: Optional[str] = None, w0: float = DEFAULT_SINE_W0, backend: str = "auto",
+) -> Tensor:
+    r"""Per-sample MLP: every sample runs its own stack of linear layers, all layers in one op.
+
+    ``h_0 = x[b]``, ``h_l = act(h_{l-1} @ W_l[b].T + b_l[b])``, with ``output_activation`` after the last
+    layer instead of ``activation``.
+
+    Args:
+        x: ``(B, in)`` or ``(B, N, in)``.
+        params: the flat ``(B, P)`` hypernetwork output (read in place), or a dict of ``(B, *shape)`` tensors
+            keyed like a ``state_dict`` ("0.weight", "0.bias", "2.weight", ...), which is flattened once
+            (one copy: pass the flat tensor to avoid it).
+        layout: a :class:`ParamLayout` of linear layers, e.g. ``ParamLayout.from_module(nn.Sequential(...))``.
+        activation: between layers; output_activation: after the last one (None, "relu", "gelu", "silu",
+            "tanh", "sigmoid", "sine").
+        w0: the frequency of "sine".
+        backend: as in :func:`batched_linear`.
+
+    Returns:
+        ``(B, out)`` or ``(B, N, out)``, contiguous.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 3))
+        >>> layout = ParamLayout.from_module(net)
+        >>> batched_mlp(torch.randn(8, 100, 2), torch.randn(8, layout.numel), layout).shape
+        torch.Size([8, 100, 3])
+    """
+    if not isinstance(layout, ParamLayout):
+        raise TypeError(f"layout: expected a hyperkernels.ParamLayout, got {type(layout).__name__}")
+    spec = layout.mlp_spec()
+    act, out_act = get_activation(activation), get_activation(output_activation)
+    w0 = _validate.check_w0(w0)
+    flat = params if isinstance(params, Tensor) else layout.flatten(params)
+    layout.check_flat(flat)
+    _validate.check_mlp(x, flat, spec.sizes[0])
+    single = x.dim() == 2
+    x3 = x.unsqueeze(1) if single else x
+    batch, n, _ = x3.shape
+    impl = resolve_backend(backend, op="batched_mlp", device=x3.device, dtype=x3.dtype, batch=batch, n=n,
+                           k=spec.sizes[0], m=spec.sizes[-1])
+    if torch._C._are_functorch_transforms_active():  # see _run_linear
+        y = torch_mlp.reference_forward(x3, flat, spec, act, out_act, w0)
+    else:
+        save_hidden = get_backend(impl).mlp_keeps_hidden and _grad_will_be_needed(x3, flat)
+        y, _ = batched_mlp_op(x3, flat, spec.sizes, spec.weight_offsets, spec.bias_offsets, act.name, out_act.name,
+                              w0, save_hidden, impl)
+    return y.squeeze(1) if single else y

@@ -14,7 +14,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamLayout", "LinearLayerSpec"]
+__all__ = ["ParamLayout", "LinearLayerSpec", "MLPSpec"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,25 @@ class LinearLayerSpec:
     bias: Optional[str]
     out_features: int
     in_features: int
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """A stack of linear layers as kernels see it: ``sizes = (in, h1, ..., out)`` and, per layer, where its
+    weight ``(sizes[l+1], sizes[l])`` (row-major) and bias start in a flat row (-1: no bias)."""
+
+    sizes: tuple
+    weight_offsets: tuple
+    bias_offsets: tuple
+    numel: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def layer(self, i: int) -> tuple[int, int, int, int]:
+        """(out, in, weight offset, bias offset) of layer i."""
+        return self.sizes[i + 1], self.sizes[i], self.weight_offsets[i], self.bias_offsets[i]
 
 
 class ParamLayout:
@@ -145,6 +164,24 @@ class ParamLayout:
             layers.append(LinearLayerSpec(name, bias, out_features, in_features))
             i += 1
         return layers
+
+    def mlp_spec(self) -> MLPSpec:
+        """The layout as a chain of linear layers (each layer's in = the previous layer's out)."""
+        layers = self.linear_layers()
+        sizes = [layers[0].in_features]
+        for prev, layer in zip(layers, layers[1:]):
+            if layer.in_features != prev.out_features:
+                raise ValueError(
+                    f"layout: {layer.weight!r} takes {layer.in_features} inputs but {prev.weight!r} gives "
+                    f"{prev.out_features} outputs: not a chain of layers"
+                )
+        sizes += [layer.out_features for layer in layers]
+        return MLPSpec(
+            tuple(sizes),
+            tuple(self._offsets[layer.weight] for layer in layers),
+            tuple(self._offsets[layer.bias] if layer.bias else -1 for layer in layers),
+            self._numel,
+        )
 
     # -- flat <-> dict ------------------------------------------------------------------------
     def check_flat(self, flat: Tensor, argname: str = "params") -> None:

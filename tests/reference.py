@@ -56,3 +56,34 @@ def conv1x1_reference(x, weight, bias, activation=None, w0=30.0):
         z = conv(x[b : b + 1], w, None if bias is None else bias[b])[0]
         outs.append(act(z, w0))
     return torch.stack(outs)
+
+
+def sequential_for(sizes, activation, output_activation, w0=30.0, bias=True):
+    """The nn.Sequential a per-sample MLP of these sizes stands for, in float64."""
+    from hyperkernels.nn import Sine
+
+    modules = {None: torch.nn.Identity, "none": torch.nn.Identity, "relu": torch.nn.ReLU, "gelu": torch.nn.GELU,
+               "silu": torch.nn.SiLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid, "sine": lambda: Sine(w0)}
+    layers = []
+    for i, (k, m) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(k, m, bias=bias))
+        layers.append(modules[activation if i < len(sizes) - 2 else output_activation]())
+    return torch.nn.Sequential(*layers).double()
+
+
+def mlp_reference(net, x, flat, grad_y):
+    """Loop over samples: load row b of ``flat`` into ``net`` with vector_to_parameters, run x[b], and
+    backpropagate grad_y[b]. Returns (y, dx, dflat) in float64."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    ys, dxs, dflats = [], [], []
+    for b in range(x.shape[0]):
+        vector_to_parameters(flat[b].double(), net.parameters())
+        net.zero_grad()
+        xb = x[b].double().detach().requires_grad_()
+        yb = net(xb)
+        yb.backward(grad_y[b].double())
+        ys.append(yb.detach())
+        dxs.append(xb.grad)
+        dflats.append(parameters_to_vector([p.grad for p in net.parameters()]))
+    return torch.stack(ys), torch.stack(dxs), torch.stack(dflats)

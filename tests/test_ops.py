@@ -97,3 +97,10 @@ def test_torch_func_vmap_and_jacrev():
     torch.testing.assert_close(y, torch.tanh(x @ w.transpose(-1, -2)))
     jac = torch.func.jacrev(lambda w: hk.batched_linear(x[0], w, activation="relu"))(w[0])
     assert jac.shape == (3, 2, 5, 3, 5, 4)
+
+
+def test_double_backward_when_only_some_gradients_were_asked_for():
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, 4, dtype=torch.float64)  # no grad: the first backward returns an empty dweight
+    fn = lambda x: hk.batched_linear(x, w, activation="tanh")  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x,))

@@ -15,6 +15,14 @@ Conventions every backend keeps (see ``../shared/DESIGN.md``):
   ``(dx, dweight, dbias)``, each contiguous (``dx`` in ``x``'s layout) or None where ``output_mask``
   says it is not needed. ``preact`` may be empty: a backend recomputes it when the activation's
   derivative needs it.
+* Per-sample MLP (optional: a backend without ``mlp_forward`` does not run ``batched_mlp``),
+  ``mlp_forward(x, params, spec, act, out_act, w0, save_hidden) -> (y, saved)``: ``x (B, N, in)`` any
+  strides, ``params (B, P)`` any strides (batch stride 0 for shared params), ``spec`` an
+  :class:`~hyperkernels.layout.MLPSpec` saying where each layer's weight and bias sit in a row; ``y``
+  contiguous ``(B, N, out)``. ``saved``: ``[]`` unless ``save_hidden`` (and the backend's
+  ``mlp_keeps_hidden`` is True), else one tensor per layer as ``backends.torch.mlp.saved_kinds`` says.
+  ``mlp_backward(grad_y, x, params, y, saved, spec, act, out_act, w0, output_mask) -> (dx, dparams)``,
+  ``dparams`` one contiguous ``(B, P)`` tensor; ``saved`` may be ``[]`` (recompute).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """torch.library custom ops: schema, fake implementation and autograd of every op."""
 from .linear import batched_linear_backward_op, batched_linear_op
+from .mlp import batched_mlp_backward_op, batched_mlp_op
 
-__all__ = ["batched_linear_op", "batched_linear_backward_op"]
+__all__ = ["batched_linear_op", "batched_linear_backward_op", "batched_mlp_op", "batched_mlp_backward_op"]

@@ -7,8 +7,8 @@ The forward returns ``(y, preact)``: the pre-activation is kept only when the ac
 needs it and a gradient will be asked for (otherwise it is an empty tensor, and the backward
 recomputes it if it turns out to be needed after all).
 
-Double backward: the backward op's own autograd formula differentiates the pure-PyTorch backward
-(``backends/torch/linear.py``), whatever backend ran the first two passes.
+Double backward: the backward op's own autograd formula differentiates the pure-PyTorch forward
+twice (``_double_backward.py``), whatever backend ran the first two passes.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from torch import Tensor
 from .._dispatch import get_backend
 from ..activations import get_activation
 from ..backends.torch import linear as torch_linear
+from ._double_backward import backward_of_backward
 
 
 def _output_shape(x: Tensor, weight: Tensor, channel_major: bool) -> tuple[int, int, int]:
@@ -100,28 +101,15 @@ def _backward_backward(ctx, grad_dx, grad_dw, grad_db):
     grad_y, x, weight, bias = ctx.saved_tensors
     activation, w0, channel_major, output_mask = ctx.attrs
     act = get_activation(activation)
-    create_graph = torch.is_grad_enabled()
-    inputs = [grad_y, x, weight, bias]
-    with torch.enable_grad():
-        # Tensors that need no gradient become leaves so that autograd.grad can still see them.
-        leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in inputs]
-        g_y, x_, w_, b_ = leaves
-        z = torch_linear.preactivation(x_, w_, b_, channel_major, "bmm")
-        y_ = act.forward(z, w0)
-        grads = torch_linear.linear_backward(g_y, x_, w_, b_, y_, z, act, w0, channel_major, output_mask, "bmm")
-        pairs = [(g, gg) for g, gg in zip(grads, (grad_dx, grad_dw, grad_db)) if g is not None and gg is not None]
-        wrt = [t for t in leaves if t is not None]
-        # retain_graph: grad_y can be a non-leaf of the caller's graph (e.g. 2*y from y**2), whose saved
-        # values the caller still needs; without it this inner call frees them.
-        results = torch.autograd.grad(
-            [g for g, _ in pairs], wrt, [gg for _, gg in pairs], create_graph=create_graph, retain_graph=True,
-            allow_unused=True
-        ) if pairs else [None] * len(wrt)
-    by_input = iter(results)
-    out = [None if t is None else next(by_input) for t in leaves]
-    needs = ctx.needs_input_grad
-    out = [g if needs[i] else None for i, g in enumerate(out)]
-    return (*out, None, None, None, None, None, None, None)
+
+    def reference_forward(x, weight, bias):
+        return act.forward(torch_linear.preactivation(x, weight, bias, channel_major, "bmm"), w0)
+
+    # Gradients that were not asked for came out as empty tensors: nothing flows back through them.
+    grad_of_grads = [g if need else None for g, need in zip((grad_dx, grad_dw, grad_db), output_mask)]
+    grads = backward_of_backward(reference_forward, grad_y, (x, weight, bias), grad_of_grads)
+    grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
+    return (*grads, None, None, None, None, None, None, None)
 
 
 batched_linear_backward_op.register_autograd(_backward_backward, setup_context=_backward_setup_context)

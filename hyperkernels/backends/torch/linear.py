@@ -60,13 +60,6 @@ def linear_forward(x, weight, bias, act: Activation, w0: float, channel_major: b
     return y, (z if save_preact else z.new_empty(0))
 
 
-def preactivation_grad(grad_y: Tensor, y: Tensor, preact: Optional[Tensor], act: Activation, w0: float) -> Tensor:
-    """dL/dz = dL/dy * f'(z)."""
-    if act.name == "none":
-        return grad_y
-    return grad_y * act.derivative(preact, y, w0)
-
-
 def _bmm_grads(dz, x, weight, channel_major, output_mask):
     need_x, need_w, need_b = output_mask
     if channel_major:  # dz (B, M, S), x (B, K, S)
@@ -97,7 +90,7 @@ def linear_backward(grad_y, x, weight, bias, y, preact, act: Activation, w0: flo
                     output_mask, formulation: str):
     if act.needs_preactivation and preact.numel() == 0:
         preact = preactivation(x, weight, bias, channel_major, formulation)
-    dz = preactivation_grad(grad_y, y, preact, act, w0)
+    dz = act.grad(grad_y, preact, y, w0)
     if formulation == "conv":
         return _conv_grads(dz, x, weight, channel_major, output_mask)
     return _bmm_grads(dz, x, weight, channel_major, output_mask)
