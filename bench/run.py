@@ -23,7 +23,7 @@ from cases import forward_backward  # noqa: E402
 from timing import copy_bandwidth_gbs, matmul_tflops, measure_ms, peak_memory_mb  # noqa: E402
 
 # Modules whose default_cases(device) feed the table (see cases.py for what a case provides).
-CASE_MODULES = ["cases"]
+CASE_MODULES = ["cases", "cases_training", "cases_hyper"]
 
 
 def _default_cases(device):

@@ -2,7 +2,7 @@
 from . import nn
 from ._dispatch import BACKEND_NAMES, BackendUnavailableError, available_backends
 from .activations import ACTIVATIONS
-from .functional import batched_conv1x1, batched_linear, batched_mlp
+from .functional import batched_conv1x1, batched_linear, batched_mlp, hyper_linear
 from .layout import ParamLayout
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ __all__ = [
     "batched_linear",
     "batched_conv1x1",
     "batched_mlp",
+    "hyper_linear",
     "ParamLayout",
     "available_backends",
     "BackendUnavailableError",

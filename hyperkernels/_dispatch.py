@@ -27,7 +27,7 @@ _IMPLEMENTATIONS = {
 
 # The backend method that implements each op: a backend without it does not run that op.
 _OP_METHODS = {"batched_linear": "linear_forward", "batched_conv1x1": "linear_forward",
-               "batched_mlp": "mlp_forward"}
+               "batched_mlp": "mlp_forward", "hyper_linear": "hyper_linear_forward"}
 
 # Names a user may pass as ``backend=``.
 BACKEND_NAMES = ("auto", "torch", *_IMPLEMENTATIONS)
@@ -88,17 +88,59 @@ def implements(name: str, op: str) -> bool:
     return hasattr(get_backend(name), _OP_METHODS[op])
 
 
-def _auto(*, op, device, dtype, batch, n, k, m, channel_major) -> str:
+@torch.compiler.assume_constant_result
+def mlp_keeps_hidden(name: str, single_point: bool) -> bool:
+    """Whether the backend's MLP forward should keep per-layer values for its backward (see Backend)."""
+    return get_backend(name).mlp_keeps_hidden(single_point)
+
+
+# The fused MLP kernels take widths up to backends/triton/mlp.py's MAX_WIDTH (a number here, since this module must
+# not import triton; tests/test_triton_mlp.py checks that they agree). Wider nets stay on torch.
+_TRITON_MLP_MAX_WIDTH = 256
+
+
+def _auto(*, op, device, dtype, batch, n, k, m, channel_major, widths=()) -> str:
+    if op == "hyper_linear":
+        return _auto_hyper_linear(device=device, dtype=dtype, n=n)
     if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_usable() and implements("triton", op):
-        return "triton"
+        if op != "batched_mlp" or max(k, m, *widths) <= _TRITON_MLP_MAX_WIDTH:
+            return "triton"
     return _TORCH_FORMULATION
+
+
+# -- hyper_linear: fused, or generate-then-apply ------------------------------------------------------
+# "auto" for hyper_linear may also answer GENERATE: materialise the per-sample weights with one GEMM
+# (F.linear(h, head_weight, head_bias)) and run batched_linear on them ("auto" again). The fused op costs N
+# times the FLOPs of generating the weights, for N points per sample, and saves writing and reading
+# B*out*in weights (and the memory to hold them): it wins for few points per sample. One rule: fused while
+# N <= a bound per device kind.
+GENERATE = "generate"
+
+# CPU, the torch backend (bench/hyper_crossover.py; 2 shared cores, float32, relu, forward+backward with the
+# gradients of h and the head; B, in=out, K from (512, 64, 16) to (32, 256, 128)): at N = 1 fused / generate
+# is 0.46-1.17 (a tie on average, at a fraction of the memory); at N = 2 it is 0.74-2.1 and at N = 4 0.9-5.8,
+# growing with N. Fused only for N = 1.
+_HYPER_FUSED_MAX_N_CPU = 1
+# GPU, the Triton kernels: expected by design, NOT MEASURED (no GPU in the session that wrote it). The fused
+# GEMM takes ~N * 2*B*out*in*K / peak; generating takes 2*B*out*in*K / peak plus a round trip of B*out*in
+# weights (written once, read once: 2 * itemsize bytes each) through memory; so fused wins while
+# (N - 1) * K < itemsize * peak / bandwidth, ~600 for bfloat16 on an H100 (~990 TFLOP/s over ~3.3 TB/s): N <= 5 at
+# K = 128. Kept as one bound on N until bench/hyper_crossover.py --device cuda measures it.
+_HYPER_FUSED_MAX_N_GPU = 4
+
+
+def _auto_hyper_linear(*, device, dtype, n) -> str:
+    if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_usable() and implements("triton", "hyper_linear"):
+        return "triton" if n <= _HYPER_FUSED_MAX_N_GPU else GENERATE
+    return _TORCH_FORMULATION if n <= _HYPER_FUSED_MAX_N_CPU else GENERATE
 
 
 def resolve_backend(
     requested: str, *, op: str, device: torch.device, dtype: torch.dtype, batch: int, n: int, k: int, m: int,
-    channel_major: bool = False,
+    channel_major: bool = False, widths: tuple = (),
 ) -> str:
-    """Turn the user's ``backend=`` into a concrete implementation name, or raise a clear error."""
+    """Turn the user's ``backend=`` into a concrete implementation name, or raise a clear error. ``widths``: every
+    layer width of a batched_mlp (in, hidden..., out)."""
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a string, one of {list(BACKEND_NAMES)}, got {type(requested).__name__}")
     if requested not in BACKEND_NAMES:
@@ -106,7 +148,8 @@ def resolve_backend(
     if batch == 0 or n == 0 or k == 0 or m == 0:
         return "torch_bmm"  # empty problems: bmm handles every empty size and keeps autograd intact
     if requested == "auto":
-        return _auto(op=op, device=device, dtype=dtype, batch=batch, n=n, k=k, m=m, channel_major=channel_major)
+        return _auto(op=op, device=device, dtype=dtype, batch=batch, n=n, k=k, m=m, channel_major=channel_major,
+                     widths=tuple(widths))
     name = _TORCH_FORMULATION if requested == "torch" else requested
     reason = _unavailable_reason(name)
     if reason is not None:

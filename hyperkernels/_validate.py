@@ -92,3 +92,35 @@ def check_mlp(x: Tensor, params: Tensor, in_features: int) -> None:
     check_size("x", "in_features (last dim)", x.shape[-1], in_features, "the layout's first layer")
     check_size("params", "batch size (dim 0)", params.shape[0], x.shape[0], "x.shape[0]")
     check_same_dtype_device([("x", x), ("params", params)])
+
+
+def check_hyper_linear(x: Tensor, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor], out_features: object,
+                       bias: object) -> None:
+    """x (B, in) or (B, N, in), h (B, K), head_weight (out*in + out*bias, K), head_bias (same rows,) or None."""
+    check_tensor("x", x, "(B, in) or (B, N, in)")
+    check_ndim("x", x, (2, 3), "(B, in) or (B, N, in)")
+    check_tensor("h", h, "(B, K)")
+    check_ndim("h", h, (2,), "(B, K)")
+    check_tensor("head_weight", head_weight, "(out*in + out*bias, K)")
+    check_ndim("head_weight", head_weight, (2,), "(out*in + out*bias, K)")
+    if isinstance(out_features, bool) or not isinstance(out_features, int):
+        raise TypeError(f"out_features: expected a positive int, got {type(out_features).__name__} {out_features!r}")
+    if out_features < 1:
+        raise ValueError(f"out_features: expected a positive int, got {out_features}")
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias: expected a bool (whether the generated layer has a bias), got {bias!r}")
+    in_features = x.shape[-1]
+    rows = out_features * in_features + (out_features if bias else 0)
+    if bias:
+        rows_from = f"out*in + out = {out_features}*{in_features} + {out_features}, in = x.shape[-1], bias=True"
+    else:
+        rows_from = f"out*in = {out_features}*{in_features}, in = x.shape[-1], bias=False"
+    check_size("h", "batch size (dim 0)", h.shape[0], x.shape[0], "x.shape[0]")
+    check_size("head_weight", "rows (dim 0)", head_weight.shape[0], rows, rows_from)
+    check_size("head_weight", "columns (dim 1)", head_weight.shape[1], h.shape[1], "K = h.shape[1]")
+    if head_bias is not None:
+        check_tensor("head_bias", head_bias, "(out*in + out*bias,)")
+        if head_bias.dim() != 1 or head_bias.shape[0] != rows:
+            raise ValueError(f"head_bias: expected shape ({rows},) (the rows of head_weight), "
+                             f"got {tuple(head_bias.shape)}")
+    check_same_dtype_device([("x", x), ("h", h), ("head_weight", head_weight), ("head_bias", head_bias)])

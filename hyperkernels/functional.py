@@ -7,15 +7,17 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._dispatch import get_backend, resolve_backend
+from ._dispatch import GENERATE, mlp_keeps_hidden, resolve_backend
 from .activations import DEFAULT_SINE_W0, get_activation
+from .backends.torch import hyper_linear as torch_hyper
 from .backends.torch import linear as torch_linear
 from .backends.torch import mlp as torch_mlp
 from .layout import ParamLayout
+from .ops.hyper_linear import hyper_linear_op
 from .ops.linear import batched_linear_op
 from .ops.mlp import batched_mlp_op
 
-__all__ = ["batched_linear", "batched_conv1x1", "batched_mlp"]
+__all__ = ["batched_linear", "batched_conv1x1", "batched_mlp", "hyper_linear"]
 
 
 def _grad_will_be_needed(*tensors: Optional[Tensor]) -> bool:
@@ -138,14 +140,74 @@ def batched_mlp(
     layout.check_flat(flat)
     _validate.check_mlp(x, flat, spec.sizes[0])
     single = x.dim() == 2
-    x3 = x.unsqueeze(1) if single else x
+    y = run_mlp(x.unsqueeze(1) if single else x, flat, spec, act, out_act, w0, backend)
+    return y.squeeze(1) if single else y
+
+
+def run_mlp(x3: Tensor, flat: Tensor, spec, act, out_act, w0: float, backend: str) -> Tensor:
+    """The fused MLP on validated inputs: x3 ``(B, N, in)``, flat ``(B, spec.numel)``."""
     batch, n, _ = x3.shape
     impl = resolve_backend(backend, op="batched_mlp", device=x3.device, dtype=x3.dtype, batch=batch, n=n,
-                           k=spec.sizes[0], m=spec.sizes[-1])
+                           k=spec.sizes[0], m=spec.sizes[-1], widths=spec.sizes)
     if torch._C._are_functorch_transforms_active():  # see _run_linear
-        y = torch_mlp.reference_forward(x3, flat, spec, act, out_act, w0)
+        return torch_mlp.reference_forward(x3, flat, spec, act, out_act, w0)
+    save_hidden = _grad_will_be_needed(x3, flat) and mlp_keeps_hidden(impl, n == 1)
+    y, _ = batched_mlp_op(x3, flat, spec.sizes, spec.weight_offsets, spec.bias_offsets, act.name, out_act.name,
+                          w0, save_hidden, impl)
+    return y
+
+
+def hyper_linear(
+    x: Tensor, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor] = None, *, out_features: int,
+    bias: bool = True, activation: Optional[str] = None, w0: float = DEFAULT_SINE_W0, backend: str = "auto",
+) -> Tensor:
+    r"""A per-sample linear layer run straight from the hypernetwork's last hidden state ``h``: the per-sample
+    weights ``theta[b] = head_weight @ h[b] + head_bias`` are never materialised.
+
+    Equals ``batched_linear(x, W, c, activation=...)`` with ``theta = F.linear(h, head_weight, head_bias)``,
+    ``W = theta[:, :out*in].view(B, out, in)`` and ``c = theta[:, out*in:]``, computed as
+    ``y[b] = act(sum_k h[b, k] G_k x[b] + g_W x[b] + c[b])``: one GEMM whose reduction runs over
+    ``in * K`` pairs ``x[b, n, i] * h[b, k]``, formed on the fly. Its cost grows with N; with
+    ``backend="auto"`` it runs where it is the faster way (few points per sample), and generate-then-apply
+    elsewhere (``hyperkernels/_dispatch.py``).
+
+    Args:
+        x: ``(B, in)`` or ``(B, N, in)``.
+        h: ``(B, K)``, the hypernetwork's last hidden state.
+        head_weight: ``(out*in + out*bias, K)``, the hypernetwork's last ``nn.Linear`` weight; rows ordered like
+            ``parameters_to_vector(nn.Linear(in, out, bias))`` (the weight row-major, then the bias).
+        head_bias: ``(out*in + out*bias,)`` or None.
+        out_features: ``out``; ``in`` is ``x.shape[-1]``.
+        bias: whether the generated layer has a bias (the last ``out`` rows of the head).
+        activation, w0: as in :func:`batched_linear`.
+        backend: "auto", "torch" (the chunked outer-product formulation in PyTorch), or another registered
+            backend that implements it (see :func:`hyperkernels.available_backends`).
+
+    Returns:
+        ``(B, out)`` or ``(B, N, out)``, contiguous, in the dtype of ``x``. Gradients flow to ``x``, ``h``,
+        ``head_weight`` and ``head_bias``.
+
+    Example::
+
+        >>> head = nn.Linear(16, 4 * 3 + 4)                  # generates a Linear(3, 4) per sample
+        >>> x, h = torch.randn(8, 5, 3), torch.randn(8, 16)
+        >>> hyper_linear(x, h, head.weight, head.bias, out_features=4, activation="relu").shape
+        torch.Size([8, 5, 4])
+    """
+    _validate.check_hyper_linear(x, h, head_weight, head_bias, out_features, bias)
+    act = get_activation(activation)
+    w0 = _validate.check_w0(w0)
+    single = x.dim() == 2
+    x3 = x.unsqueeze(1) if single else x
+    batch, n, in_features = x3.shape
+    impl = resolve_backend(backend, op="hyper_linear", device=x3.device, dtype=x3.dtype, batch=batch, n=n,
+                           k=in_features, m=out_features)
+    if torch._C._are_functorch_transforms_active():  # see _run_linear
+        y = torch_hyper.reference_forward(x3, h, head_weight, head_bias, out_features, bias, act, w0)
+    elif impl == GENERATE:
+        weight, c = torch_hyper.generate(h, head_weight, head_bias, out_features, in_features, bias)
+        y = _run_linear(x3, weight, c, act.name, w0, "auto", False, "batched_linear")
     else:
-        save_hidden = get_backend(impl).mlp_keeps_hidden and _grad_will_be_needed(x3, flat)
-        y, _ = batched_mlp_op(x3, flat, spec.sizes, spec.weight_offsets, spec.bias_offsets, act.name, out_act.name,
-                              w0, save_hidden, impl)
+        save_preact = act.needs_preactivation and _grad_will_be_needed(x3, h, head_weight, head_bias)
+        y, _ = hyper_linear_op(x3, h, head_weight, head_bias, out_features, bias, act.name, w0, save_preact, impl)
     return y.squeeze(1) if single else y

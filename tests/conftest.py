@@ -10,7 +10,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import hyperkernels  # noqa: E402
 from hyperkernels._dispatch import available_backends, get_backend  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

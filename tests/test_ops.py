@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hyperkernels as hk
-from conftest import backend_params, supports
+from conftest import backend_params
 from hyperkernels.ops import batched_linear_backward_op, batched_linear_op
 
 

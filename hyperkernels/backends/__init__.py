@@ -19,10 +19,17 @@ Conventions every backend keeps (see ``../shared/DESIGN.md``):
   ``mlp_forward(x, params, spec, act, out_act, w0, save_hidden) -> (y, saved)``: ``x (B, N, in)`` any
   strides, ``params (B, P)`` any strides (batch stride 0 for shared params), ``spec`` an
   :class:`~hyperkernels.layout.MLPSpec` saying where each layer's weight and bias sit in a row; ``y``
-  contiguous ``(B, N, out)``. ``saved``: ``[]`` unless ``save_hidden`` (and the backend's
-  ``mlp_keeps_hidden`` is True), else one tensor per layer as ``backends.torch.mlp.saved_kinds`` says.
+  contiguous ``(B, N, out)``. ``saved``: ``[]`` unless ``save_hidden``, else one tensor per layer as
+  ``backends.torch.mlp.saved_kinds`` says (every backend honours ``save_hidden``: the fake promises it). The
+  functional layer sets it only when a gradient will be needed and the backend's
+  ``mlp_keeps_hidden(single_point)`` says keeping beats recomputing for this regime.
   ``mlp_backward(grad_y, x, params, y, saved, spec, act, out_act, w0, output_mask) -> (dx, dparams)``,
   ``dparams`` one contiguous ``(B, P)`` tensor; ``saved`` may be ``[]`` (recompute).
+* Hyper-fused linear (optional), ``hyper_linear_forward(x, h, head_weight, head_bias, out_features, bias, act,
+  w0, save_preact) -> (y, preact)``: ``x (B, N, in)`` any strides, ``h (B, K)``, the hypernetwork head
+  ``head_weight (out*in + out*bias, K)`` and ``head_bias`` or None; ``y`` contiguous ``(B, N, out)``; the
+  per-sample weights are never materialised. ``hyper_linear_backward(grad_y, x, h, head_weight, head_bias, y,
+  preact, out_features, bias, act, w0, output_mask) -> (dx, dh, dhead_weight, dhead_bias)``.
 """
 from __future__ import annotations
 

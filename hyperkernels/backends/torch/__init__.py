@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from . import hyper_linear as _hyper_linear
 from . import linear as _linear
 from . import mlp as _mlp
 
@@ -34,14 +35,25 @@ class TorchBackend:
                                        self.formulation)
 
     # MLP: layer by layer with bmm whatever the formulation (the layers are small, and bmm wins on CPU).
-    # It keeps every layer's pre-activation for the backward instead of recomputing the forward.
-    mlp_keeps_hidden = True
+    def mlp_keeps_hidden(self, single_point: bool) -> bool:
+        """Always: recomputing the forward would cost as much again as keeping it."""
+        return True
 
     def mlp_forward(self, x, params, spec, act, out_act, w0, save_hidden):
         return _mlp.mlp_forward(x, params, spec, act, out_act, w0, save_hidden)
 
     def mlp_backward(self, grad_y, x, params, y, hidden, spec, act, out_act, w0, output_mask):
         return _mlp.mlp_backward(grad_y, x, params, y, hidden, spec, act, out_act, w0, output_mask)
+
+    # Hyper-fused linear: the outer-product GEMMs, chunked over rows (the formulation does not apply).
+    def hyper_linear_forward(self, x, h, head_weight, head_bias, out_features, bias, act, w0, save_preact):
+        return _hyper_linear.hyper_linear_forward(x, h, head_weight, head_bias, out_features, bias, act, w0,
+                                                  save_preact)
+
+    def hyper_linear_backward(self, grad_y, x, h, head_weight, head_bias, y, preact, out_features, bias, act, w0,
+                              output_mask):
+        return _hyper_linear.hyper_linear_backward(grad_y, x, h, head_weight, head_bias, y, preact, out_features,
+                                                   bias, act, w0, output_mask)
 
 
 def make_backend(variant: str) -> TorchBackend:

@@ -75,6 +75,35 @@ class TritonBackend:
 
         return linear.linear_backward(grad_y, x, weight, bias, y, preact, act, w0, channel_major, output_mask)
 
+    def mlp_keeps_hidden(self, single_point: bool) -> bool:
+        """N > 1: the backward recomputes each tile's forward on chip, cheaper than storing B*N*hidden values
+        at the widths of neural fields. N = 1: keeping the (small) per-layer values saves a second read of
+        every weight (mlp.py's docstring has the numbers)."""
+        return single_point
+
+    def mlp_forward(self, x, params, spec, act, out_act, w0, save_hidden):
+        from . import mlp
+
+        return mlp.mlp_forward(x, params, spec, act, out_act, w0, save_hidden)
+
+    def mlp_backward(self, grad_y, x, params, y, saved, spec, act, out_act, w0, output_mask):
+        from . import mlp
+
+        return mlp.mlp_backward(grad_y, x, params, y, saved, spec, act, out_act, w0, output_mask)
+
+    def hyper_linear_forward(self, x, h, head_weight, head_bias, out_features, bias, act, w0, save_preact):
+        from . import hyper_linear
+
+        return hyper_linear.hyper_linear_forward(x, h, head_weight, head_bias, out_features, bias, act, w0,
+                                                 save_preact)
+
+    def hyper_linear_backward(self, grad_y, x, h, head_weight, head_bias, y, preact, out_features, bias, act, w0,
+                              output_mask):
+        from . import hyper_linear
+
+        return hyper_linear.hyper_linear_backward(grad_y, x, h, head_weight, head_bias, y, preact, out_features,
+                                                  bias, act, w0, output_mask)
+
 
 def make_backend(variant: Optional[str] = None) -> TritonBackend:
     return TritonBackend()

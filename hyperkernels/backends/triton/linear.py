@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -44,9 +43,7 @@ from torch import Tensor
 from ...activations import ACTIVATIONS, Activation
 from .activations import activation_forward, activation_grad
 
-# Kernels are decorated at import, and ``triton.jit`` picks the interpreter from this variable at that moment;
-# reading it once here keeps the launchers' choices consistent with how the kernels were built.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._config import AUTOTUNE, INTERPRET
 
 _ACT_NONE = ACTIVATIONS["none"]
 
@@ -151,7 +148,8 @@ def _gemm_prune(rows: str, cols: str, red: str, dims: dict[str, str], dtype_arg:
         kept = [c for c in configs if fits(c)] or list(configs)
         least = min(overshoot(c) for c in kept)
         kept = [c for c in kept if overshoot(c) == least]
-        return [c for c in kept if big_enough(c)] or kept
+        kept = [c for c in kept if big_enough(c)] or kept
+        return kept if AUTOTUNE else kept[:1]
 
     return prune
 
@@ -221,7 +219,7 @@ def _gemv_prune(configs, named_args, **kwargs):
 
     kept.sort(key=useful, reverse=True)
     best = useful(kept[0])
-    return [c for c in kept if 2 * useful(c) >= best][:_GEMV_MAX_CONFIGS]
+    return [c for c in kept if 2 * useful(c) >= best][:_GEMV_MAX_CONFIGS if AUTOTUNE else 1]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -728,7 +726,6 @@ def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     dtype = x.dtype
     xt = _token_major(x, channel_major)
     batch, n, k = xt.shape
-    m = weight.shape[1]
     gt = _token_major(grad_y, channel_major)
     load_z = act.needs_preactivation
     load_y = not load_z and act.code != _ACT_NONE.code

@@ -1,0 +1,139 @@
+"""The measurements behind the Triton fused MLP's design choices (hyperkernels/backends/triton/mlp.py), on a GPU:
+
+* keep vs recompute for N = 1: the op with ``save_hidden`` (the forward stores each layer's value, the backward
+  reads them) against without (the backward reruns the forward), forward+backward;
+* the dW reduction for N > 1: one program per tile with float32 atomics, one program per sample looping over its
+  tiles, and the deterministic splits, backward only;
+* every GEMM config candidate of the forward and backward (HYPERKERNELS_TRITON_AUTOTUNE picks among them).
+
+    python bench/mlp_variants.py                 # the bench nets (GPU only)
+    python bench/mlp_variants.py --quick         # fewer configs
+
+Each row: the variant, its time, and the ratio to the variant the code uses by default.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import hyperkernels as hk  # noqa: E402
+from hyperkernels.ops import batched_mlp_backward_op, batched_mlp_op  # noqa: E402
+from timing import measure_ms  # noqa: E402
+
+# (name, B, N, sizes, dtype): bench/cases.py's MLP cases, plus a small-batch field where the dW reduction matters.
+DEVICE = "cuda"
+
+NETS = [
+    ("N=1 [16,64,64,64,16]", 16384, 1, [16, 64, 64, 64, 16], torch.float32),
+    ("N=1 [16,64,64,64,16] bf16", 16384, 1, [16, 64, 64, 64, 16], torch.bfloat16),
+    ("field N=1024 w64 bf16", 128, 1024, [2, 64, 64, 64, 3], torch.bfloat16),
+    ("field N=1024 w128 bf16", 128, 1024, [2, 128, 128, 128, 3], torch.bfloat16),
+    ("field B=4 N=65536 w64 bf16", 4, 65536, [2, 64, 64, 64, 3], torch.bfloat16),
+]
+
+
+def _problem(batch, n, sizes, dtype, act="relu"):
+    layout = hk.ParamLayout.from_module(
+        torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])]))
+    spec = layout.mlp_spec()
+    x = torch.randn(batch, n, sizes[0], device=DEVICE, dtype=dtype)
+    flat = (torch.randn(batch, layout.numel, device=DEVICE) / max(sizes) ** 0.5).to(dtype)
+    common = (spec.sizes, spec.weight_offsets, spec.bias_offsets, act, "none", 30.0)
+    return x, flat, common
+
+
+def keep_vs_recompute(batch, n, sizes, dtype):
+    x, flat, common = _problem(batch, n, sizes, dtype)
+    y = batched_mlp_op(x, flat, *common, False, "triton")[0]
+    dy = torch.randn_like(y)
+
+    def step(save):
+        y, saved = batched_mlp_op(x, flat, *common, save, "triton")
+        return batched_mlp_backward_op(dy, x, flat, y, saved, *common, [True, True], "triton")
+
+    return {"recompute (default)": measure_ms(lambda: step(False), x.device),
+            "keep": measure_ms(lambda: step(True), x.device)}
+
+
+def dw_modes(batch, n, sizes, dtype):
+    from hyperkernels.backends.triton import mlp
+
+    x, flat, common = _problem(batch, n, sizes, dtype)
+    y = batched_mlp_op(x, flat, *common, False, "triton")[0]
+    dy = torch.randn_like(y)
+    default = mlp._dw_mode(batch, n, True, x.device)
+    modes = {"atomic": (True, 1), "one program per sample": (False, 1),
+             "deterministic splits": (False, max(1, min(mlp._programs_wanted(x.device) // batch, n // 128)))}
+    out = {}
+    original = mlp._dw_mode
+    try:
+        for name, mode in modes.items():
+            mlp._dw_mode = lambda *args, mode=mode: mode
+            label = name + (" (default)" if mode == default else "")
+            out[label] = measure_ms(lambda: batched_mlp_backward_op(dy, x, flat, y, [], *common, [True, True],
+                                                                    "triton"), x.device)
+    finally:
+        mlp._dw_mode = original
+    return out
+
+
+def gemm_configs(batch, n, sizes, dtype, backward):
+    """Each candidate alone: the kernel's autotuner is given one config at a time."""
+    from hyperkernels.backends.triton import mlp
+
+    x, flat, common = _problem(batch, n, sizes, dtype)
+    y = batched_mlp_op(x, flat, *common, False, "triton")[0]
+    dy = torch.randn_like(y)
+    kernel = mlp._bwd_gemm_kernel if backward else mlp._fwd_gemm_kernel
+    pads = tuple(mlp._pad(s) for s in sizes)
+    table = mlp._GEMM_BWD_CANDIDATES if backward else mlp._GEMM_FWD_CANDIDATES
+    candidates = table[(max(64, max(pads)), dtype.itemsize if dtype.itemsize == 4 else 2)]
+    all_configs, out = kernel.configs, {}
+    try:
+        for i, (bn, warps) in enumerate(candidates):
+            kernel.configs = [c for c in all_configs if (c.kwargs["BLOCK_N"], c.num_warps) == (bn, warps)]
+            if not kernel.configs:
+                continue
+            kernel.cache.clear()
+            if backward:
+                fn = lambda: batched_mlp_backward_op(dy, x, flat, y, [], *common, [True, True], "triton")  # noqa
+            else:
+                fn = lambda: batched_mlp_op(x, flat, *common, False, "triton")  # noqa: E731
+            out[f"BLOCK_N={bn} warps={warps}" + (" (first choice)" if i == 0 else "")] = measure_ms(fn, x.device)
+    finally:
+        kernel.configs = all_configs
+        kernel.cache.clear()
+    return out
+
+
+def _print(title, rows):
+    base = next((v for k, v in rows.items() if "default" in k or "first choice" in k), None)
+    print(f"  {title}")
+    for k, v in rows.items():
+        ratio = f"{v / base:6.2f}x" if base else ""
+        print(f"    {k:40s} {v * 1e3:10.1f} us  {ratio}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="skip the per-config timings")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/mlp_variants.py measures GPU kernels: it needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    for name, batch, n, sizes, dtype in NETS:
+        print(name)
+        if n == 1:
+            _print("keep vs recompute, forward+backward", keep_vs_recompute(batch, n, sizes, dtype))
+            continue
+        _print("dW reduction, backward", dw_modes(batch, n, sizes, dtype))
+        if not args.quick:
+            _print("forward configs", gemm_configs(batch, n, sizes, dtype, backward=False))
+            _print("backward configs", gemm_configs(batch, n, sizes, dtype, backward=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""hk.nn.batched: every supported layer kind, activation, dtype, N, flat and dict params and shared parameters,
+against vmap(functional_call(module, ...)) on the same parameters (in float64); the fused-MLP plan; bad input."""
+import copy
+import importlib
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.utils import parameters_to_vector
+
+import hyperkernels as hk
+from conftest import INTERPRETED
+from reference import FORWARD_RTOL, GRAD_RTOL, assert_close
+
+# the module, not the function hk.nn.batched that shadows it as an attribute of hk.nn
+batched_module = importlib.import_module("hyperkernels.nn.batched")
+
+ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+               "identity": nn.Identity, "sine": lambda: hk.nn.Sine(30.0)}
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def mlp(act, out_act, sizes=(3, 17, 33, 2), bias=True):
+    layers = []
+    for i, (k, m) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [nn.Linear(k, m, bias=bias), ACT_MODULES[act if i < len(sizes) - 2 else out_act]()]
+    return nn.Sequential(*layers)
+
+
+# name -> (module factory, one sample's input shape, shared names)
+MODULES = {
+    "linear": (lambda: nn.Linear(5, 3), (5,), ()),
+    "linear-nobias": (lambda: nn.Linear(5, 3, bias=False), (5,), ()),
+    "mlp": (lambda: mlp("relu", "identity"), (3,), ()),
+    "mlp-nobias": (lambda: mlp("tanh", "sigmoid", bias=False), (3,), ()),
+    "conv1d": (lambda: nn.Conv1d(4, 6, 1), (4, 7), ()),
+    "conv2d-seq": (lambda: nn.Sequential(nn.Conv2d(4, 8, 1), nn.SiLU(), nn.Conv2d(8, 3, (1, 1), bias=False)),
+                   (4, 3, 5), ()),
+    "conv3d": (lambda: nn.Conv3d(3, 5, 1, padding="valid"), (3, 2, 3, 2), ()),
+    "conv2d-batched-input": (lambda: nn.Sequential(nn.Conv2d(4, 6, 1), nn.GELU()), (2, 4, 3, 3), ()),
+    "conv-then-linear": (lambda: nn.Sequential(nn.Conv1d(4, 8, 1), nn.ReLU(), nn.Linear(6, 5)), (4, 6), ()),
+    "standalone-activations": (lambda: nn.Sequential(nn.Tanh(), nn.Linear(3, 4), nn.ReLU(), nn.Sigmoid(),
+                                                     nn.Identity(), nn.Linear(4, 2)), (3,), ()),
+    "nested": (lambda: nn.Sequential(nn.Sequential(nn.Linear(3, 8), nn.GELU()),
+                                     nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2))), (3,), ()),
+    "mixed-activations": (lambda: nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(),
+                                                nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8), nn.SiLU(),
+                                                nn.Linear(8, 2)), (3,), ()),
+    "siren-two-w0": (lambda: nn.Sequential(nn.Linear(2, 16), hk.nn.Sine(30.0), nn.Linear(16, 16), hk.nn.Sine(1.0),
+                                           nn.Linear(16, 3)), (2,), ()),
+    "shared-middle-weight": (lambda: mlp("relu", "identity", (3, 8, 8, 8, 2)), (3,), ("2.weight",)),
+    "shared-first-bias": (lambda: mlp("gelu", "tanh"), (3,), ("0.bias",)),
+    "shared-last-layer": (lambda: mlp("silu", "identity", (3, 8, 8, 2)), (3,), ("4.weight", "4.bias")),
+    "shared-conv-weight": (lambda: nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 3, 1)), (4, 3, 3),
+                           ("0.weight",)),
+}
+
+
+def per_sample_params(layout, batch, dtype, scale=1.0):
+    """B default-like initialisations: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) per layer, times scale."""
+    out = {}
+    fan_in = None
+    for name, shape in layout.shapes.items():
+        if name.endswith("weight"):
+            fan_in = math.prod(shape[1:])
+        bound = scale / math.sqrt(fan_in or shape[0])
+        out[name] = ((torch.rand(batch, *shape, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
+    return out
+
+
+def vmap_reference(module, x, params, shared, grad_y):
+    """vmap(functional_call(module)) in float64: y, dx, dparams (dict), dshared (dict)."""
+    m = copy.deepcopy(module).double()
+    ps = {k: v.detach().double().requires_grad_() for k, v in params.items()}
+    sh = {k: v.detach().double().requires_grad_() for k, v in shared.items()}
+    xx = x.detach().double().requires_grad_()
+    y = vmap(lambda p, xb: functional_call(m, {**p, **sh}, (xb,)))(ps, xx)
+    y.backward(grad_y.double())
+    return y.detach(), xx.grad, {k: v.grad for k, v in ps.items()}, {k: v.grad for k, v in sh.items()}
+
+
+def run_case(name, *, dtype=torch.float32, batch=3, n=None, params_kind="flat", backend="auto", module=None):
+    factory, in_shape, shared = MODULES[name] if module is None else module
+    torch.manual_seed(0)
+    template = factory()
+    net = hk.nn.batched(template, shared=shared, backend=backend).to(dtype)
+    low = dtype in (torch.float16, torch.bfloat16)
+    if low and any(isinstance(m, hk.nn.Sine) for m in template.modules()):
+        pytest.skip("sin(30 z) in half precision: the error is amplified 30-fold, see test_mlp's w0=1.5 cases")
+    sine = any(isinstance(m, hk.nn.Sine) for m in template.modules())
+    params = per_sample_params(net.layout, batch, dtype, scale=1 / 30 if sine else 1.0)
+    x_shape = (batch, *([] if n is None else [n] if isinstance(n, int) else list(n)), *in_shape)
+    x = torch.randn(x_shape, dtype=torch.float64).to(dtype).requires_grad_()
+    if params_kind == "flat":
+        flat = net.layout.flatten(params).requires_grad_()
+        given = flat
+    else:
+        given = {k: v.requires_grad_() for k, v in params.items()}
+    y = net(x, given)
+    grad_y = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(grad_y.to(dtype))
+    shared_vals = {k: p.detach() for k, p in net.shared_parameters().items()}
+    y_ref, dx_ref, dp_ref, dsh_ref = vmap_reference(template, x, params, shared_vals, grad_y)
+    depth = sum(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in template.modules()) + 1
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert_close(y, y_ref, FORWARD_RTOL[dtype] * depth, "forward")
+    assert_close(x.grad, dx_ref, GRAD_RTOL[dtype] * depth, "dx")
+    dparams = net.layout.unflatten(flat.grad) if params_kind == "flat" else {k: v.grad for k, v in given.items()}
+    for k in params:
+        assert_close(dparams[k], dp_ref[k], GRAD_RTOL[dtype] * depth, f"d{k}")
+    for k, p in net.shared_parameters().items():
+        assert_close(p.grad, dsh_ref[k], GRAD_RTOL[dtype] * depth, f"d shared {k}")
+    return net
+
+
+@pytest.mark.parametrize("params_kind", ["flat", "dict"])
+@pytest.mark.parametrize("name", list(MODULES))
+def test_matches_vmap_functional_call(name, params_kind):
+    run_case(name, params_kind=params_kind, n=None if "conv" in name else 4)
+
+
+@pytest.mark.parametrize("n", [None, 1, 5, (2, 3)], ids=["N=1 (B, in)", "N=1 (B, 1, in)", "N=5", "N=(2,3)"])
+@pytest.mark.parametrize("name", ["linear", "mlp", "standalone-activations", "shared-middle-weight"])
+def test_points_per_sample(name, n):
+    run_case(name, n=n)
+
+
+@pytest.mark.parametrize("out_act", list(ACT_MODULES))
+@pytest.mark.parametrize("act", list(ACT_MODULES))
+def test_every_activation_pair(act, out_act):
+    run_case(None, module=(lambda: mlp(act, out_act), (3,), ()), n=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("name", ["linear", "mlp", "conv2d-seq", "mixed-activations", "shared-middle-weight",
+                                  "conv-then-linear"])
+def test_dtypes(name, dtype):
+    run_case(name, dtype=dtype, n=None if "conv" in name else 5)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu", "tanh", "sigmoid", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_low_precision_activations(act, dtype):
+    run_case(None, module=(lambda: mlp(act, "identity"), (3,), ()), dtype=dtype, n=5)
+
+
+def test_batch_of_one():
+    run_case("mlp", batch=1, n=7)
+    run_case("shared-conv-weight", batch=1)
+
+
+def test_layer_by_layer_path_matches(monkeypatch):
+    """A backend without a fused MLP runs the same segments layer by layer, with the same result."""
+    monkeypatch.setattr(batched_module, "implements", lambda name, op: op != "batched_mlp")
+    for name in ["mlp", "mixed-activations", "siren-two-w0", "nested"]:
+        for kind in ["flat", "dict"]:
+            run_case(name, params_kind=kind, n=3)
+
+
+@pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(), reason="needs Triton (GPU or interpreter)")
+def test_triton_backend():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    template = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    ref = hk.nn.batched(template)
+    net = hk.nn.batched(template, backend="triton")
+    flat = torch.randn(2, net.num_params, device=device) * 0.3
+    x = torch.randn(2, 4, 3, device=device)
+    torch.testing.assert_close(net(x, flat), ref(x, flat), rtol=1e-4, atol=1e-5)
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+def _segments(net):
+    return [s for s in net._steps if isinstance(s, batched_module._Segment)]
+
+
+def test_whole_row_segment_gets_the_flat_tensor_itself():
+    """One segment covering the row: the op's input is the flat tensor (its gradient arrives whole)."""
+    net = hk.nn.batched(mlp("relu", "identity"))
+    assert len(net._steps) == 1 and isinstance(net._steps[0], batched_module._Segment)
+    flat = torch.randn(3, net.num_params, requires_grad=True)
+    y = net(torch.randn(3, 5, 3), flat)
+    assert y.grad_fn.next_functions[1][0].variable is flat
+
+
+def test_segments_read_narrowed_ranges():
+    net = hk.nn.batched(MODULES["mixed-activations"][0]())
+    segs = _segments(net)
+    # relu/tanh/silu/silu/none: [0, 2] (relu hidden, tanh out), [4, 6, 8] (silu hidden, none out)
+    assert [[l.index for l in s.layers] for s in segs] == [["0", "2"], ["4", "6", "8"]]
+    assert segs[0].start == 0 and segs[1].start == segs[0].length
+    assert segs[1].start + segs[1].length == net.num_params
+    assert segs[1].spec.weight_offsets[0] == 0  # rebased to the segment
+    assert (segs[0].activation, segs[0].output_activation) == ("relu", "tanh")
+    assert (segs[1].activation, segs[1].output_activation) == ("silu", "none")
+
+
+def test_sine_w0_splits_segments():
+    net = hk.nn.batched(MODULES["siren-two-w0"][0]())
+    segs = _segments(net)
+    assert [[l.index for l in s.layers] for s in segs] == [["0"], ["2", "4"]]
+    assert segs[0].w0 == 30.0 and segs[1].w0 == 1.0
+
+
+def test_shared_parameters_are_expanded_not_copied(monkeypatch):
+    seen = []
+    real = batched_module.batched_linear
+
+    def spy(x, weight, bias=None, **kw):
+        seen.append((weight.stride(0), None if bias is None else bias.stride(0)))
+        return real(x, weight, bias, **kw)
+
+    monkeypatch.setattr(batched_module, "batched_linear", spy)
+    net = hk.nn.batched(mlp("relu", "identity", (3, 8, 8, 8, 2)), shared=("2.weight", "2.bias"))
+    assert net.layout.names == ["0.weight", "0.bias", "4.weight", "4.bias", "6.weight", "6.bias"]
+    assert [n for n, _ in net.named_parameters()] == ["shared.2_weight", "shared.2_bias"]
+    net(torch.randn(4, 3), torch.randn(4, net.num_params))
+    assert seen == [(0, 0)]  # the shared layer, layer by layer, with batch stride 0
+
+
+def test_layout_is_parameters_to_vector_order():
+    template = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Conv1d(8, 4, 1), nn.Tanh(), nn.Linear(5, 2))
+    net = hk.nn.batched(template, shared=("2.bias",))
+    full = hk.ParamLayout.from_module(template)
+    assert net.layout.names == [n for n in full.names if n != "2.bias"]
+    assert hk.nn.batched(template).layout == full
+    # every sample gets the template's own weights: the template's output, sample by sample
+    flat = parameters_to_vector(template.parameters()).detach().unsqueeze(0).expand(3, -1)
+    xs = torch.randn(3, 8, 3)
+    y = hk.nn.batched(template)(xs, flat)
+    torch.testing.assert_close(y, torch.stack([template(xb) for xb in xs]))
+
+
+def test_ensemble_via_stack_module_state():
+    """B independently initialised models run as one batched model, on one shared input (an expand)."""
+    models = [nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 1))
+              for _ in range(5)]
+    params, buffers = stack_module_state(models)
+    assert not buffers
+    net = hk.nn.batched(models[0])
+    x = torch.randn(7, 4)
+    y = net(x.expand(5, 7, 4), params)
+    torch.testing.assert_close(y, torch.stack([m(x) for m in models]))
+    y.sum().backward()
+    assert params["0.weight"].grad.shape == (5, 16, 4)
+
+
+def test_functorch_transforms_run_the_reference():
+    net = hk.nn.batched(mlp("tanh", "identity"))
+    x, flat = torch.randn(4, 3), torch.randn(4, net.num_params) * 0.3
+    g = torch.func.grad(lambda p: net(x, p).square().sum())(flat)
+    flat_ = flat.clone().requires_grad_()
+    net(x, flat_).square().sum().backward()
+    torch.testing.assert_close(g, flat_.grad)
+
+
+def test_module_conversions_and_repr():
+    net = hk.nn.batched(mlp("relu", "identity"), shared=("0.bias",)).double()
+    assert net.shared_parameters()["0.bias"].dtype == torch.float64
+    text = repr(net)
+    assert "fused batched_mlp" in text and "batched_linear" in text
+    assert hk.nn.batched(nn.Linear(2, 3)).layout.names == ["weight", "bias"]
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+class Custom(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class LinearWithOwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _converted_in_place():
+    net = nn.Sequential(nn.Linear(3, 4))
+    del net[0].weight
+    net[0].weight = torch.zeros(4, 3)  # a plain tensor, as libraries that convert modules in place leave it
+    return net
+
+
+def _hyperlight_like():
+    """What HyperLight's hypernetize() leaves: a Linear subclass whose weight became an 'external parameter'."""
+    lin = nn.Linear(3, 4)
+    del lin.weight
+    lin._external_parameters = {"weight": None}
+    return nn.Sequential(lin, nn.ReLU(), nn.Linear(4, 2))
+
+
+class HypnettorchLike(nn.Module):
+    """A hypnettorch main network built with no_weights=True: no parameters, only param_shapes."""
+    param_shapes = [[4, 3], [4]]
+
+
+def _tied():
+    lin = nn.Linear(4, 4)
+    return nn.Sequential(lin, nn.ReLU(), lin)
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, pattern",
+    [
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.Conv2d(4, 4, 3)), {},
+         r"layer 1 \(Conv2d\) has kernel_size=\(3, 3\).*Supported: nn.Linear"),
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), {},
+         r"layer 1 \(BatchNorm1d\) is not supported by batched\(\)\. Supported: nn.Linear.*nn.ReLU"),
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Dropout(0.1)), {}, r"layer 2 \(Dropout\) is not supported"),
+        (lambda: nn.Sequential(nn.Linear(3, 4), Custom()), {}, r"layer 1 \(Custom\) is not supported"),
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU(approximate="tanh")), {},
+         r"layer 1 \(GELU\) has approximate='tanh'"),
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU()), {}, r"layer 1 \(LeakyReLU\) is not supported"),
+        (lambda: nn.Conv1d(3, 4, 1, stride=2), {}, r"stride=\(2,\)"),
+        (lambda: nn.Conv2d(4, 4, 1, groups=2), {}, r"groups=2"),
+        (lambda: nn.Conv2d(4, 4, 1, padding=1), {}, r"padding=\(1, 1\)"),
+        (lambda: nn.ReLU(), {}, r"expected an nn.Linear, a 1x1 nn.ConvNd or an nn.Sequential, got ReLU"),
+        (lambda: Custom(), {}, r"got Custom"),
+        (lambda: nn.Sequential(nn.ReLU()), {}, r"no nn.Linear or 1x1 conv layer"),
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)), {}, r"layer 1 \(Linear\) takes 5 inputs but layer 0"),
+        (lambda: nn.Sequential(LinearWithOwnForward(3, 4)), {}, r"overrides forward"),
+        (lambda: nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 4))), {}, r"parametrizations"),
+        (_converted_in_place, {}, r"layer 0 \(Linear\) has no parameter 'weight'"),
+        (_tied, {}, r"layer 2 is the same module object as layer 0"),
+        (_hyperlight_like, {}, r"converted in place by HyperLight's hypernetize\(\): build batched\(\) from the model as it "
+                               r"was before"),
+        (HypnettorchLike, {}, r"got HypnettorchLike \(a hypnettorch main network: batched\(\) the equivalent nn.Sequential"),
+        (lambda: nn.Linear(3, 4), {"shared": ("weight", "bias")}, r"no per-sample parameters left"),
+        (lambda: nn.Linear(3, 4), {"shared": ("0.weight",)}, r"shared: \['0.weight'\] are not parameters.*\['weight', 'bias'\]"),
+        (lambda: nn.Linear(3, 4), {"backend": "fast"}, r"backend: expected one of"),
+        (lambda: nn.LazyLinear(4), {}, r"lazy module"),
+    ],
+)
+def test_bad_modules(make, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        hk.nn.batched(make(), **kwargs)
+
+
+def test_hooks_are_refused():
+    lin = nn.Linear(3, 4)
+    lin.register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(ValueError, match=r"layer 0 \(Linear\) has forward hooks"):
+        hk.nn.batched(lin)
+
+
+_NET = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))  # P = 32 + 18 = 50
+
+
+def _dict(batch=4):
+    return {k: torch.randn(batch, *v.shape) for k, v in _NET.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "call, exc, pattern",
+    [
+        (lambda n, x, p: n(x, p[:, 1:]), ValueError, r"params: expected flat per-sample parameters of shape \(B, 50\), got shape \(4, 49\)"),
+        (lambda n, x, p: n(x, p[0]), ValueError, r"got shape \(50,\); for one weight set used by every sample, pass params.expand\(B, -1\)"),
+        (lambda n, x, p: n(x, torch.cat([p, p[:, :2]], 1)), ValueError, r"pass params\[:, :50\]"),
+        (lambda n, x, p: n(x, p.long()), TypeError, r"params: expected a floating dtype"),
+        (lambda n, x, p: n(x, {k: v for k, v in _dict().items() if k != "2.bias"}), ValueError, r"missing \['2.bias'\], unexpected \[\]"),
+        (lambda n, x, p: n(x, {**_dict(), "4.weight": p}), ValueError, r"missing \[\], unexpected \['4.weight'\]"),
+        (lambda n, x, p: n(x, {**_dict(), "0.weight": torch.randn(4, 8, 2)}), ValueError, r"params\['0.weight'\]: expected shape \(B, 8, 3\), got \(4, 8, 2\)"),
+        (lambda n, x, p: n(x, {**_dict(), "0.bias": torch.randn(5, 8)}), ValueError, r"params\['0.bias'\]: batch size 5 differs from 4"),
+        (lambda n, x, p: n(x, {**_dict(), "0.bias": torch.randn(4, 8).double()}), TypeError, r"params\['0.bias'\]: expected dtype torch.float32"),
+        (lambda n, x, p: n(x[:1], {k: v[0] for k, v in _dict(1).items()}), ValueError, r"the batch dim is missing .* add it with .unsqueeze\(0\)"),
+        (lambda n, x, p: n(x, (_dict(), {})), TypeError, r"stack_module_state returns \(params, buffers\): pass its first element"),
+        (lambda n, x, p: n(x, [p]), TypeError, r"got a list \(hypnettorch: use ret_format='flattened'\)"),
+        (lambda n, x, p: n(x[..., :2], p), ValueError, r"x: expected in_features \(last dim\) 3 \(layer 0 \(Linear\)\), got 2"),
+        (lambda n, x, p: n(x[:, 0, 0], p), ValueError, r"x: expected shape \(B, 3\) or \(B, N, 3\), got 1-D"),
+        (lambda n, x, p: n(x[:3], p), ValueError, r"x: expected batch size \(dim 0\) 4 \(the batch of params\), got 3"),
+        (lambda n, x, p: n(x.double(), p), TypeError, r"x: expected dtype torch.float32 \(the dtype of params\), got torch.float64"),
+        (lambda n, x, p: n(x.to("meta"), p), ValueError, r"x: expected device cpu \(the device of params\), got meta"),
+        (lambda n, x, p: n(x.int(), p), TypeError, r"x: expected a floating dtype"),
+        (lambda n, x, p: n(x, "params"), TypeError, r"params: expected a flat \(B, 50\) tensor or a dict"),
+    ],
+)
+def test_bad_forward_input(call, exc, pattern):
+    net = hk.nn.batched(_NET)
+    with pytest.raises(exc, match=pattern):
+        call(net, torch.randn(4, 5, 3), torch.randn(4, net.num_params))
+
+
+def test_bad_forward_input_shared_and_conv():
+    net = hk.nn.batched(_NET, shared=("2.bias",))
+    with pytest.raises(ValueError, match=r"unexpected \['2.bias'\].*\['2.bias'\] are shared .* leave them out"):
+        net(torch.randn(4, 3), _dict())
+    with pytest.raises(ValueError, match=r"shape \(B, 48\) \(the module's parameters minus the shared \['2.bias'\]\)"):
+        net(torch.randn(4, 3), torch.randn(4, 50))
+    with pytest.raises(TypeError, match=r"shared parameter '2.bias' is torch.float32 but x is torch.float64"):
+        net(torch.randn(4, 3).double(), torch.randn(4, 48).double())
+    with pytest.raises(ValueError, match=r"shared parameter '2.bias' is on cpu but x is on meta"):
+        net(torch.randn(4, 3, device="meta"), torch.randn(4, 48, device="meta"))
+    conv = hk.nn.batched(nn.Conv2d(4, 6, 1))
+    p = torch.randn(2, conv.num_params)
+    with pytest.raises(ValueError, match=r"x: expected 4 channels \(in_channels of layer 0 \(Conv2d\)\), got 3"):
+        conv(torch.randn(2, 3, 5, 5), p)
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, C_in, H, W\) or \(B, N, C_in, ...\)"):
+        conv(torch.randn(2, 4, 5), p)
