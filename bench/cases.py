@@ -121,9 +121,11 @@ def build(case: Case, device: torch.device, backends: list[str]) -> Problem:
 
     def hyperkernels_method(backend):
         fused = backend in ("auto", "torch") or hk._dispatch.implements(backend, "batched_mlp")
-        if not case.single_layer and not cm and fused:
-            # Several layers: the fused MLP, where the backend has one.
-            return lambda: hk.batched_mlp(x, flat, layout, activation=case.activation, backend=backend)
+        if not cm and fused:
+            # The flat params straight into the fused MLP (one layer too): one (B, P) gradient.
+            out_act = case.activation if case.single_layer else None
+            return lambda: hk.batched_mlp(x, flat, layout, activation=case.activation, output_activation=out_act,
+                                          backend=backend)
         op = hk.batched_conv1x1 if cm else hk.batched_linear
 
         def run():

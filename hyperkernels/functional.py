@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._dispatch import GENERATE, mlp_keeps_hidden, resolve_backend
+from ._dispatch import GENERATE, mlp_keeps_hidden, resolve_backend, runs_as_composition
 from .activations import DEFAULT_SINE_W0, get_activation
 from .backends.torch import hyper_linear as torch_hyper
 from .backends.torch import linear as torch_linear
@@ -35,11 +35,9 @@ def _run_linear(x3, weight, bias, activation, w0, backend, channel_major, op):
         backend, op=op, device=x3.device, dtype=x3.dtype, batch=batch, n=n, k=k, m=weight.shape[1],
         channel_major=channel_major,
     )
-    if torch._C._are_functorch_transforms_active():
-        # torch.func (grad, vmap, jacrev...) rejects custom ops whose autograd comes from register_autograd
-        # (pytorch/pytorch#170834, open in torch 2.13): under a transform the op runs as its pure-PyTorch
-        # composition, which every transform understands.
-        return torch_linear.linear_forward(x3, weight, bias, act, w0, channel_major, False, "bmm")[0]
+    if runs_as_composition(impl, op, n):
+        formulation = "conv" if impl == "torch_conv" else "bmm"
+        return torch_linear.linear_forward(x3, weight, bias, act, w0, channel_major, False, formulation)[0]
     save_preact = act.needs_preactivation and _grad_will_be_needed(x3, weight, bias)
     y, _ = batched_linear_op(x3, weight, bias, act.name, w0, channel_major, save_preact, impl)
     return y
@@ -149,7 +147,7 @@ def run_mlp(x3: Tensor, flat: Tensor, spec, act, out_act, w0: float, backend: st
     batch, n, _ = x3.shape
     impl = resolve_backend(backend, op="batched_mlp", device=x3.device, dtype=x3.dtype, batch=batch, n=n,
                            k=spec.sizes[0], m=spec.sizes[-1], widths=spec.sizes)
-    if torch._C._are_functorch_transforms_active():  # see _run_linear
+    if runs_as_composition(impl, "batched_mlp", n):
         return torch_mlp.reference_forward(x3, flat, spec, act, out_act, w0)
     save_hidden = _grad_will_be_needed(x3, flat) and mlp_keeps_hidden(impl, n == 1)
     y, _ = batched_mlp_op(x3, flat, spec.sizes, spec.weight_offsets, spec.bias_offsets, act.name, out_act.name,
@@ -202,7 +200,7 @@ def hyper_linear(
     batch, n, in_features = x3.shape
     impl = resolve_backend(backend, op="hyper_linear", device=x3.device, dtype=x3.dtype, batch=batch, n=n,
                            k=in_features, m=out_features)
-    if torch._C._are_functorch_transforms_active():  # see _run_linear
+    if runs_as_composition(impl, "hyper_linear", n):
         y = torch_hyper.reference_forward(x3, h, head_weight, head_bias, out_features, bias, act, w0)
     elif impl == GENERATE:
         weight, c = torch_hyper.generate(h, head_weight, head_bias, out_features, in_features, bias)

@@ -45,3 +45,16 @@ def supports(backend: str, device: str, dtype: torch.dtype) -> bool:
 def is_slow_path(backend: str, device: str) -> bool:
     """Interpreted Triton on CPU: keep its shapes few and small."""
     return device == "cpu" and backend not in ("torch_bmm", "torch_conv")
+
+
+def assert_compiles_without_graph_break(fn, args):
+    """``torch.compile(fn, fullgraph=True)`` gives one graph, and the same values and gradients as eager.
+    ``args`` are the tensors to differentiate; the gradient seed is the sum of the output."""
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fn)(*args)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    out = torch.compile(fn, fullgraph=True)(*args)
+    expected = fn(*args)
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(torch.autograd.grad(out.sum(), args), torch.autograd.grad(expected.sum(), args)):
+        torch.testing.assert_close(g, e)

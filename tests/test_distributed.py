@@ -1,7 +1,9 @@
 """Multi-process training of a HyperNetwork with DistributedDataParallel: 2 CPU processes (gloo), each on half
 of every batch; the ranks stay identical and match one process trained on the whole batch."""
+import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -14,7 +16,10 @@ import hyperkernels as hk
 
 WORLD = 2
 STEPS = 4
-BATCH = 8  # split evenly: each rank's mean loss averaged by DDP is the whole batch's mean loss
+BATCH = 8
+# A rank that dies leaves the other waiting in a collective: bound both, so CI fails instead of hanging.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+DEADLINE_S = 180  # split evenly: each rank's mean loss averaged by DDP is the whole batch's mean loss
 
 
 def make_model():
@@ -45,7 +50,8 @@ def train(model, data, rank=0, world=1):
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=COLLECTIVE_TIMEOUT)
     try:
         model = DistributedDataParallel(make_model())
         losses = train(model, make_data(), rank, WORLD)
@@ -63,7 +69,13 @@ def _free_port():
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
 def test_ddp_two_processes_match_one(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    context = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    while not context.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the DDP ranks did not finish within {DEADLINE_S} s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single = make_model()
     losses = train(single, make_data())

@@ -197,3 +197,71 @@ def test_torch_compile_whole_training_step_fullgraph():
     for (name, p), q in zip(compiled_net.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     assert compiled_losses[-1] < compiled_losses[0]
+
+
+# -- fused: the head run through hyper_linear, the target's weights never materialised -------------------------
+
+_FUSED_TARGETS = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 16, bias=False), nn.GELU(),
+                                  nn.Linear(16, 2)), (4, 7, 3)),
+    "single_point": (lambda: nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)), (4, 3)),
+    "conv": (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), nn.SiLU(), nn.Conv2d(8, 4, 1)), (4, 3, 5, 6)),
+}
+
+
+@pytest.mark.parametrize("shared", [(), ("2.weight",)], ids=["all_generated", "shared_weight"])
+@pytest.mark.parametrize("target_name", list(_FUSED_TARGETS))
+def test_fused_changes_nothing_but_how_forward_runs(target_name, shared):
+    make, x_shape = _FUSED_TARGETS[target_name]
+    torch.manual_seed(0)
+    hnet = hk.nn.HyperNetwork(make(), 5, hidden=(32,), shared=shared).double()
+    state = {k: v.clone() for k, v in hnet.state_dict().items()}
+    cond = torch.randn(4, 5, dtype=torch.float64)
+    x = torch.randn(*x_shape, dtype=torch.float64)
+    results = []
+    for fused in (False, True, None):
+        hnet.fused = fused
+        hnet.zero_grad()
+        y = hnet(cond, x)
+        y.square().sum().backward()
+        results.append((y.detach(), [p.grad.clone() for p in hnet.parameters()]))
+    for y, grads in results[1:]:
+        torch.testing.assert_close(y, results[0][0])
+        for g, g_ref in zip(grads, results[0][1]):
+            torch.testing.assert_close(g, g_ref)
+    assert hnet.state_dict().keys() == state.keys()
+    for k, v in hnet.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_fused_never_materialises_the_target_weights(monkeypatch):
+    torch.manual_seed(0)
+    hnet = hk.nn.HyperNetwork(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)), 5, hidden=(16,), fused=True)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the head ran as an nn.Linear: the per-sample weights were materialised")
+
+    monkeypatch.setattr(hnet.head, "forward", no_generation)
+    hnet(torch.randn(4, 5), torch.randn(4, 9, 3)).sum().backward()
+    assert hnet.head.weight.grad is not None
+    hnet.fused = False
+    with pytest.raises(AssertionError, match="materialised"):
+        hnet(torch.randn(4, 5), torch.randn(4, 9, 3))
+
+
+def test_fused_none_follows_the_hyper_linear_rule(monkeypatch):
+    hnet = hk.nn.HyperNetwork(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)), 5, hidden=(16,))
+    assert hnet.fused is None
+    calls = []
+    monkeypatch.setattr(type(hnet.target), "forward_from_head",
+                        lambda self, *a: calls.append("fused") or torch.zeros(4, 2))
+    hnet(torch.randn(4, 5), torch.randn(4, 3))  # one point per sample: fused on CPU
+    hnet(torch.randn(4, 5), torch.randn(4, 64, 3))  # many points: generate-then-apply
+    assert calls == ["fused"]
+
+
+def test_fused_must_be_a_bool_or_none():
+    hnet = hk.nn.HyperNetwork(nn.Linear(3, 2), 5, hidden=(4,))
+    hnet.fused = "yes"
+    with pytest.raises(TypeError, match="fused: expected True, False or None, got 'yes'"):
+        hnet(torch.randn(2, 5), torch.randn(2, 3))

@@ -166,6 +166,7 @@ def test_gradgradcheck():
     layout = hk.ParamLayout.from_module(sequential_for([3, 4, 2], "silu", "sigmoid"))
     x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
     flat = torch.randn(2, layout.numel, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, p: hk.batched_mlp(x, p, layout, activation="silu", output_activation="sigmoid")  # noqa: E731
+    # squared: the first backward's grad_y then depends on the inputs too
+    fn = lambda x, p: hk.batched_mlp(x, p, layout, activation="silu", output_activation="sigmoid").square()  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, flat))
     assert torch.autograd.gradgradcheck(fn, (x, flat))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import hyperkernels as hk
-from conftest import INTERPRETED
+from conftest import INTERPRETED, assert_compiles_without_graph_break
 from hyperkernels._dispatch import available_backends, get_backend, resolve_backend
 from hyperkernels.activations import get_activation
 from hyperkernels.ops import batched_linear_backward_op, batched_linear_op
@@ -204,15 +204,7 @@ def test_opcheck_one_token(channel_major, activation, save_preact):
 
 
 def _compile_check(fn, args):
-    torch._dynamo.reset()
-    args = [a.to(DEVICE).requires_grad_() for a in args]
-    explanation = torch._dynamo.explain(fn)(*args)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
-    out = torch.compile(fn, fullgraph=True)(*args)
-    expected = fn(*args)
-    torch.testing.assert_close(out, expected)
-    for g, e in zip(torch.autograd.grad(out.sum(), args), torch.autograd.grad(expected.sum(), args)):
-        torch.testing.assert_close(g, e)
+    assert_compiles_without_graph_break(fn, [a.to(DEVICE).requires_grad_() for a in args])
 
 
 def _mlp_args():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import hyperkernels as hk
-from conftest import INTERPRETED
+from conftest import INTERPRETED, assert_compiles_without_graph_break
 from hyperkernels._dispatch import _TRITON_MLP_MAX_WIDTH, available_backends, resolve_backend
 from hyperkernels.ops import batched_mlp_backward_op, batched_mlp_op
 from reference import FORWARD_RTOL, GRAD_RTOL, assert_close, mlp_reference, sequential_for
@@ -328,15 +328,7 @@ def test_opcheck(n, save, dtype):
 
 
 def _compile_check(fn, args):
-    torch._dynamo.reset()
-    args = [a.to(DEVICE).requires_grad_() for a in args]
-    explanation = torch._dynamo.explain(fn)(*args)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
-    out = torch.compile(fn, fullgraph=True)(*args)
-    expected = fn(*args)
-    torch.testing.assert_close(out, expected)
-    for g, e in zip(torch.autograd.grad(out, args), torch.autograd.grad(expected, args)):
-        torch.testing.assert_close(g, e)
+    assert_compiles_without_graph_break(fn, [a.to(DEVICE).requires_grad_() for a in args])
 
 
 def _compile_args():

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .. import _validate
 from .._dispatch import BACKEND_NAMES, implements, resolve_backend
 from ..activations import DEFAULT_SINE_W0, get_activation
-from ..functional import batched_conv1x1, batched_linear, run_mlp
+from ..functional import batched_conv1x1, batched_linear, hyper_linear, run_mlp
 from ..layout import MLPSpec, ParamLayout
 from .activations import Sine
 
@@ -337,6 +337,11 @@ class BatchedSequential(nn.Module):
 
     # -- description ------------------------------------------------------------------------------
     @property
+    def layout_in_features(self) -> int:
+        """The first layer's in_features (in_channels for a 1x1 conv)."""
+        return self._first.in_features
+
+    @property
     def num_params(self) -> int:
         """P: the number of per-sample parameters (the width of the flat params)."""
         return self.layout.numel
@@ -498,6 +503,48 @@ class BatchedSequential(nn.Module):
             else:
                 h = get_activation(step.activation).forward(h, step.w0)
         return h
+
+    def forward_from_head(self, x: Tensor, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor],
+                          backend: str) -> Tensor:
+        """``forward(x, F.linear(h, head_weight, head_bias))`` without materialising the per-sample parameters:
+        each layer runs through :func:`hyperkernels.hyper_linear` on its rows of the head (``backend`` is the
+        hyper_linear backend). A layer with a shared parameter generates just its own per-sample rows."""
+        batch = h.shape[0]
+        self._check_x(x, batch, head_weight.dtype, head_weight.device, "the hypernetwork's parameters")
+        layers = [l for step in self._steps for l in (step.layers if isinstance(step, _Segment) else [step])]
+        for step in layers:
+            if isinstance(step, _Activation):
+                x = get_activation(step.activation).forward(x, step.w0)
+            elif step.shared or (step.conv_dims and x.dim() != step.conv_dims + 2):
+                views = {name: self._generate_rows(name, h, head_weight, head_bias) for name in step.names
+                         if name not in step.shared}
+                x = self._run_layer(step, x, views, batch)
+            else:
+                x = self._hyper_layer(step, x, h, head_weight, head_bias, backend)
+        return x
+
+    def _rows(self, name: str) -> slice:
+        start = self.layout.offset(name)
+        return slice(start, start + math.prod(self.layout.shapes[name]))
+
+    def _generate_rows(self, name: str, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor]) -> Tensor:
+        rows = self._rows(name)
+        piece = torch.nn.functional.linear(h, head_weight[rows], None if head_bias is None else head_bias[rows])
+        return piece.view(h.shape[0], *self.layout.shapes[name])
+
+    def _hyper_layer(self, layer: _Layer, x: Tensor, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor],
+                     backend: str) -> Tensor:
+        # A layer's weight and bias are adjacent in the layout (named_parameters order): one slice of head rows.
+        rows = slice(self._rows(layer.weight).start, self._rows(layer.bias or layer.weight).stop)
+        kw = dict(out_features=layer.out_features, bias=layer.bias is not None, activation=layer.activation,
+                  w0=layer.w0, backend=backend)
+        hb = None if head_bias is None else head_bias[rows]
+        if layer.conv_dims:  # (B, C, *spatial) -> points-major (B, S, C), a view; and back
+            y = hyper_linear(x.flatten(2).transpose(1, 2), h, head_weight[rows], hb, **kw)
+            return y.transpose(1, 2).unflatten(2, x.shape[2:])
+        x3 = x if x.dim() in (2, 3) else x.reshape(x.shape[0], -1, x.shape[-1])
+        y = hyper_linear(x3, h, head_weight[rows], hb, **kw)
+        return y if x.dim() in (2, 3) else y.reshape(*x.shape[:-1], layer.out_features)
 
     def _weight_bias(self, layer: _Layer, views: Mapping[str, Tensor], batch: int) -> tuple[Tensor, Optional[Tensor]]:
         def get(name):

@@ -7,6 +7,7 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .._dispatch import GENERATE, resolve_backend
 from .._validate import check_tensor
 from .batched import BatchedSequential, batched
 
@@ -43,6 +44,12 @@ class HyperNetwork(nn.Module):
             comparison).
         shared: names of ``target``'s parameters shared by every sample instead of generated (see :func:`batched`).
         backend: as in :func:`hyperkernels.batched_linear`.
+        fused: how ``forward`` runs the head. ``False``: generate the flat params, then run the target on them.
+            ``True``: never materialise the target's weights: each target layer runs through
+            :func:`hyperkernels.hyper_linear` straight from the trunk's output and its rows of the head.
+            ``None``: choose by shape (fused for few points per sample, the rule of ``hyper_linear``'s
+            ``backend="auto"``). It changes only how ``forward`` computes: the parameters, the ``state_dict``,
+            the outputs and the gradients are the same; ``self.fused`` may be changed at any time.
 
     Attributes:
         target: the per-sample target, ``batched(target, shared)``; ``layout``: its :class:`ParamLayout`;
@@ -81,7 +88,8 @@ class HyperNetwork(nn.Module):
 
     def __init__(self, target: Union[nn.Module, BatchedSequential], cond_features: int,
                  hidden: Sequence[int] = (128, 128), activation: Union[str, Callable[[], nn.Module]] = "relu",
-                 init: str = "hyperfan", shared: Sequence[str] = (), backend: str = "auto"):
+                 init: str = "hyperfan", shared: Sequence[str] = (), backend: str = "auto",
+                 fused: Union[bool, None] = None):
         super().__init__()
         if isinstance(target, BatchedSequential):
             if shared:
@@ -111,6 +119,7 @@ class HyperNetwork(nn.Module):
         self.cond_features = cond_features
         self.hidden = hidden
         self.init = init
+        self.fused = fused
 
         layers = []
         width = cond_features
@@ -160,7 +169,7 @@ class HyperNetwork(nn.Module):
         return self.target.num_params
 
     def extra_repr(self) -> str:
-        return f"cond_features={self.cond_features}, hidden={self.hidden}, init={self.init!r}"
+        return f"cond_features={self.cond_features}, hidden={self.hidden}, init={self.init!r}, fused={self.fused}"
 
     # -- forward ----------------------------------------------------------------------------------
     def _check_cond(self, cond: Tensor) -> None:
@@ -185,4 +194,25 @@ class HyperNetwork(nn.Module):
         self._check_cond(cond)
         p = self.head.weight
         self.target._check_x(x, cond.shape[0], p.dtype, p.device, "cond and the hypernetwork's parameters")
-        return self.target(x, self.head(self.trunk(cond)))
+        fused_backend = self._fused_backend(x)
+        if fused_backend is None:
+            return self.target(x, self.head(self.trunk(cond)))
+        return self.target.forward_from_head(x, self.trunk(cond), self.head.weight, self.head.bias, fused_backend)
+
+    def _fused_backend(self, x: Tensor):
+        """The hyper_linear backend that runs the head fused, or None to generate-then-apply."""
+        if self.fused not in (True, False, None):
+            raise TypeError(f"fused: expected True, False or None, got {self.fused!r}")
+        if self.fused is False:
+            return None
+        backend = self.target.backend
+        if self.fused is True and backend != "auto":
+            return backend  # what the user named, fused whatever the shape
+        n = max(1, x[:1].numel() // max(1, self.target.layout_in_features))
+        p = self.head.weight
+        # fused=True asks hyper_linear's "auto" for its fused backend (the choice at one point per sample);
+        # fused=None takes its choice at this many points, which may be to generate.
+        impl = resolve_backend("auto" if backend == "auto" else backend, op="hyper_linear", device=p.device,
+                               dtype=p.dtype, batch=x.shape[0], n=1 if self.fused else n,
+                               k=self.target.layout_in_features, m=1)
+        return None if impl == GENERATE else impl

@@ -4,8 +4,9 @@ from typing import Optional
 
 from torch import Tensor
 
+from .._dispatch import implements, resolve_backend
 from ..activations import DEFAULT_SINE_W0
-from ..functional import batched_linear
+from ..functional import batched_linear, batched_mlp
 from ._base import BatchedLayer, Params
 
 
@@ -31,5 +32,19 @@ class BatchedLinear(BatchedLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
     def forward(self, x: Tensor, weight_or_params: Params, bias: Optional[Tensor] = None) -> Tensor:
+        if self._runs_as_mlp(x, weight_or_params, bias):
+            # Flat params: the one-layer fused MLP writes their gradient as one (B, P) tensor, where views of
+            # them would each get a zero-filled (B, P) gradient buffer.
+            return batched_mlp(x, weight_or_params, self.layout, activation=None, output_activation=self.activation,
+                               w0=self.w0, backend=self.backend)
         weight, bias = self.weight_and_bias(weight_or_params, bias)
         return batched_linear(x, weight, bias, activation=self.activation, w0=self.w0, backend=self.backend)
+
+    def _runs_as_mlp(self, x, params, bias) -> bool:
+        if not (isinstance(params, Tensor) and params.dim() == 2 and bias is None and isinstance(x, Tensor)
+                and x.dim() in (2, 3) and x.shape[0] > 0):
+            return False
+        n = x.shape[1] if x.dim() == 3 else 1
+        impl = resolve_backend(self.backend, op="batched_linear", device=x.device, dtype=x.dtype, batch=x.shape[0],
+                               n=n, k=self.in_features, m=self.out_features)
+        return implements(impl, "batched_mlp")

@@ -81,7 +81,10 @@ def mlp_backward(grad_y, x, params, y, saved, spec: MLPSpec, act: Activation, ou
         weight, _ = layer_params(params, spec, i)
         if need_params:
             d_weight, d_bias = layer_params(dparams, spec, i)
-            d_weight.copy_(torch.bmm(dz.transpose(1, 2), hs[i]))
+            if dz.shape[1] == 1:  # an outer product: written straight into dparams, no temporary
+                torch.mul(dz.transpose(1, 2), hs[i], out=d_weight)
+            else:
+                d_weight.copy_(torch.bmm(dz.transpose(1, 2), hs[i]))
             if d_bias is not None:
                 d_bias.copy_(dz.sum(1))
         if i == 0 and not need_x:
