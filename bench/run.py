@@ -121,6 +121,7 @@ def format_table(result: dict) -> str:
     lines = [
         f"device: {env['device']} | {env['date']} | torch {env['torch']} | triton {env['triton']} | "
         f"commit {env['commit']}",
+        f"command: {env['command']}",
         "measured ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceil.items()),
         "",
         "Speedups are against each case's baseline (vmap(functional_call) unless the case says otherwise).",
