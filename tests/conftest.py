@@ -58,3 +58,13 @@ def assert_compiles_without_graph_break(fn, args):
     torch.testing.assert_close(out, expected)
     for g, e in zip(torch.autograd.grad(out.sum(), args), torch.autograd.grad(expected.sum(), args)):
         torch.testing.assert_close(g, e)
+
+
+# Shared by the Triton test files: where the kernels run (CPU tensors under the interpreter, CUDA on a GPU
+# machine), and the markers for tests that need Triton or a real GPU.
+HAS_CUDA = torch.cuda.is_available()
+TRITON_DEVICE = "cuda" if HAS_CUDA and not INTERPRETED else "cpu"
+TRITON_REASON = available_backends()["triton"]
+needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"backend triton unavailable: {TRITON_REASON}")
+needs_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETED,
+                               reason="needs a CUDA GPU (real sizes; the interpreter would take hours)")

@@ -12,19 +12,15 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 import hyperkernels as hk
-from conftest import INTERPRETED, assert_compiles_without_graph_break, backend_params, is_slow_path, supports
-from hyperkernels._dispatch import GENERATE, available_backends, resolve_backend
+from conftest import (TRITON_DEVICE, TRITON_REASON, assert_compiles_without_graph_break, backend_params,
+                      is_slow_path, needs_gpu, needs_triton, supports)
+from hyperkernels._dispatch import GENERATE, resolve_backend
 from hyperkernels.backends.torch import hyper_linear as torch_hyper
 from hyperkernels.ops import hyper_linear_backward_op, hyper_linear_op
 from reference import FORWARD_RTOL, GRAD_RTOL, assert_close, linear_reference
 
 ACTIVATIONS = [None, "relu", "gelu", "silu", "tanh", "sigmoid", "sine"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-HAS_CUDA = torch.cuda.is_available()
-needs_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA GPU (real sizes)")
-_TRITON_REASON = available_backends()["triton"]
-needs_triton = pytest.mark.skipif(_TRITON_REASON is not None, reason=f"backend triton unavailable: {_TRITON_REASON}")
-TRITON_DEVICE = "cuda" if HAS_CUDA and not INTERPRETED else "cpu"
 
 
 
@@ -341,7 +337,7 @@ def test_auto_rule():
     assert resolve_backend("auto", device=cpu, dtype=torch.float32, n=1, **common) == "torch_bmm"
     assert resolve_backend("auto", device=cpu, dtype=torch.float32, n=_dispatch._HYPER_FUSED_MAX_N_CPU + 1,
                            **common) == GENERATE
-    if _TRITON_REASON is None:
+    if TRITON_REASON is None:
         for dtype in (torch.float32, torch.bfloat16):
             assert resolve_backend("auto", device=cuda, dtype=dtype, n=1, **common) == "triton"
             assert resolve_backend("auto", device=cuda, dtype=dtype, n=_dispatch._HYPER_FUSED_MAX_N_GPU + 1,
@@ -431,8 +427,8 @@ def test_backend_without_hyper_linear_says_which_do():
 
 
 def test_float64_on_triton_is_a_clear_error():
-    if _TRITON_REASON is not None:
-        pytest.skip(f"backend triton unavailable: {_TRITON_REASON}")
+    if TRITON_REASON is not None:
+        pytest.skip(f"backend triton unavailable: {TRITON_REASON}")
     with pytest.raises(ValueError, match=r"backend='triton' cannot run hyper_linear here: float64"):
         hk.hyper_linear(X.double().to(TRITON_DEVICE), H.double().to(TRITON_DEVICE), G.double().to(TRITON_DEVICE),
                         out_features=2, backend="triton")
@@ -488,8 +484,8 @@ def test_triton_expanded_grad_and_shared_h():
 @pytest.mark.parametrize("elem", [2, 4])
 def test_triton_prune_keeps_fitting_configs(r, c, pq, elem):
     """The GPU config lists, pruned for a few problem sizes (pure Python: runs on any machine)."""
-    if _TRITON_REASON is not None and "not installed" in _TRITON_REASON:
-        pytest.skip(_TRITON_REASON)
+    if TRITON_REASON is not None and "not installed" in TRITON_REASON:
+        pytest.skip(TRITON_REASON)
     from hyperkernels.backends.triton import linear
 
     hl = _triton_module()

@@ -15,21 +15,15 @@ import pytest
 import torch
 
 import hyperkernels as hk
-from conftest import INTERPRETED, assert_compiles_without_graph_break
-from hyperkernels._dispatch import available_backends, get_backend, resolve_backend
+from conftest import TRITON_DEVICE, assert_compiles_without_graph_break, needs_gpu, needs_triton
+from hyperkernels._dispatch import get_backend, resolve_backend
 from hyperkernels.activations import get_activation
 from hyperkernels.ops import batched_linear_backward_op, batched_linear_op
 from reference import FORWARD_RTOL, GRAD_RTOL, assert_close, conv1x1_reference, linear_reference
 from test_linear import run_case
 
-_REASON = available_backends()["triton"]
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"backend triton unavailable: {_REASON}")
-
-HAS_CUDA = torch.cuda.is_available()
-# Where the interpreter is on, the kernels run on CPU tensors (the CPU CI); on a GPU machine, on CUDA ones.
-DEVICE = "cuda" if HAS_CUDA and not INTERPRETED else "cpu"
-needs_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA GPU (real sizes; the interpreter "
-                                                                  "would take hours)")
+pytestmark = needs_triton
+DEVICE = TRITON_DEVICE
 
 ALL_ACTIVATIONS = [None, "relu", "gelu", "silu", "tanh", "sigmoid", "sine"]
 

@@ -14,18 +14,13 @@ import pytest
 import torch
 
 import hyperkernels as hk
-from conftest import INTERPRETED, assert_compiles_without_graph_break
-from hyperkernels._dispatch import _TRITON_MLP_MAX_WIDTH, available_backends, resolve_backend
+from conftest import TRITON_DEVICE, assert_compiles_without_graph_break, needs_gpu, needs_triton
+from hyperkernels._dispatch import _TRITON_MLP_MAX_WIDTH, resolve_backend
 from hyperkernels.ops import batched_mlp_backward_op, batched_mlp_op
 from reference import FORWARD_RTOL, GRAD_RTOL, assert_close, mlp_reference, sequential_for
 
-_REASON = available_backends()["triton"]
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"backend triton unavailable: {_REASON}")
-
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA and not INTERPRETED else "cpu"
-needs_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA GPU (real sizes; the interpreter "
-                                                                  "would take hours)")
+pytestmark = needs_triton
+DEVICE = TRITON_DEVICE
 
 ALL_ACTIVATIONS = [None, "relu", "gelu", "silu", "tanh", "sigmoid", "sine"]
 
