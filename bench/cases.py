@@ -84,12 +84,15 @@ def default_cases(device: torch.device) -> list[Case]:
 
 @dataclass
 class Problem:
-    """What the runner times: ``methods`` (name -> forward callable), differentiated with respect to
-    ``grad_wrt``; speedups are relative to the ``baseline`` method."""
+    """What the runner times: ``methods`` (name -> forward callable returning the output the runner compares
+    with the baseline's), and for forward+backward either the gradient of their output with respect to
+    ``grad_wrt`` or, where ``steps`` is given, ``steps[name]`` (e.g. a whole training step); speedups are
+    relative to the ``baseline`` method."""
 
     methods: dict
     grad_wrt: tuple
     baseline: str = "vmap(functional_call)"
+    steps: Optional[dict] = None
 
 
 def _act(name: Optional[str]) -> Callable:

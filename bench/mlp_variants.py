@@ -9,7 +9,9 @@
     python bench/mlp_variants.py                 # the bench nets (GPU only)
     python bench/mlp_variants.py --quick         # fewer configs
 
-Each row: the variant, its time, and the ratio to the variant the code uses by default.
+The variants of each comparison are timed interleaved (bench/timing.py). Each row: the variant, its median
+time and spread over the rounds (flagged "!" where too large to trust), and its time relative to the variant the
+code uses by default (the median of the per-round ratios).
 """
 import argparse
 import os
@@ -21,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hyperkernels as hk  # noqa: E402
 from hyperkernels.ops import batched_mlp_backward_op, batched_mlp_op  # noqa: E402
-from timing import measure_ms  # noqa: E402
+from timing import paired_speedup, time_interleaved  # noqa: E402
 
 # (name, B, N, sizes, dtype): bench/cases.py's MLP cases, plus a small-batch field where the dW reduction matters.
 DEVICE = "cuda"
@@ -54,8 +56,7 @@ def keep_vs_recompute(batch, n, sizes, dtype):
         y, saved = batched_mlp_op(x, flat, *common, save, "triton")
         return batched_mlp_backward_op(dy, x, flat, y, saved, *common, [True, True], "triton")
 
-    return {"recompute (default)": measure_ms(lambda: step(False), x.device),
-            "keep": measure_ms(lambda: step(True), x.device)}
+    return time_interleaved({"recompute (default)": lambda: step(False), "keep": lambda: step(True)}, x.device)
 
 
 def dw_modes(batch, n, sizes, dtype):
@@ -67,17 +68,22 @@ def dw_modes(batch, n, sizes, dtype):
     default = mlp._dw_mode(batch, n, True, x.device)
     modes = {"atomic": (True, 1), "one program per sample": (False, 1),
              "deterministic splits": (False, max(1, min(mlp._programs_wanted(x.device) // batch, n // 128)))}
-    out = {}
     original = mlp._dw_mode
-    try:
-        for name, mode in modes.items():
-            mlp._dw_mode = lambda *args, mode=mode: mode
-            label = name + (" (default)" if mode == default else "")
-            out[label] = measure_ms(lambda: batched_mlp_backward_op(dy, x, flat, y, [], *common, [True, True],
-                                                                    "triton"), x.device)
-    finally:
-        mlp._dw_mode = original
-    return out
+
+    def with_mode(mode):
+        # Interleaved rounds switch modes call by call: each call sets its own and puts the original back.
+        def run():
+            mlp._dw_mode = lambda *args: mode
+            try:
+                return batched_mlp_backward_op(dy, x, flat, y, [], *common, [True, True], "triton")
+            finally:
+                mlp._dw_mode = original
+        return run
+
+    # Two names may give the same mode (the splits collapse to one on a small problem): label the first one.
+    first_default = next(name for name, mode in modes.items() if mode == default) if default in modes.values() else None
+    return time_interleaved({name + (" (default)" if name == first_default else ""): with_mode(mode)
+                             for name, mode in modes.items()}, x.device)
 
 
 def gemm_configs(batch, n, sizes, dtype, backward):
@@ -91,30 +97,40 @@ def gemm_configs(batch, n, sizes, dtype, backward):
     pads = tuple(mlp._pad(s) for s in sizes)
     table = mlp._GEMM_BWD_CANDIDATES if backward else mlp._GEMM_FWD_CANDIDATES
     candidates = table[(max(64, max(pads)), dtype.itemsize if dtype.itemsize == 4 else 2)]
-    all_configs, out = kernel.configs, {}
-    try:
-        for i, (bn, warps) in enumerate(candidates):
-            kernel.configs = [c for c in all_configs if (c.kwargs["BLOCK_N"], c.num_warps) == (bn, warps)]
-            if not kernel.configs:
-                continue
+    all_configs = kernel.configs
+
+    def with_config(configs):
+        # One config at a time, set call by call (interleaved rounds): the autotuner runs the only one it has.
+        def run():
+            kernel.configs = configs
             kernel.cache.clear()
-            if backward:
-                fn = lambda: batched_mlp_backward_op(dy, x, flat, y, [], *common, [True, True], "triton")  # noqa
-            else:
-                fn = lambda: batched_mlp_op(x, flat, *common, False, "triton")  # noqa: E731
-            out[f"BLOCK_N={bn} warps={warps}" + (" (first choice)" if i == 0 else "")] = measure_ms(fn, x.device)
-    finally:
-        kernel.configs = all_configs
-        kernel.cache.clear()
-    return out
+            try:
+                if backward:
+                    return batched_mlp_backward_op(dy, x, flat, y, [], *common, [True, True], "triton")
+                return batched_mlp_op(x, flat, *common, False, "triton")
+            finally:
+                kernel.configs = all_configs
+                kernel.cache.clear()
+        return run
+
+    variants = {}
+    for i, (bn, warps) in enumerate(candidates):
+        configs = [c for c in all_configs if (c.kwargs["BLOCK_N"], c.num_warps) == (bn, warps)]
+        if configs:
+            variants[f"BLOCK_N={bn} warps={warps}" + (" (first choice)" if i == 0 else "")] = with_config(configs)
+    return time_interleaved(variants, x.device)
 
 
-def _print(title, rows):
-    base = next((v for k, v in rows.items() if "default" in k or "first choice" in k), None)
+def _print(title, timings):
+    base = next((t for k, t in timings.items() if "default" in k or "first choice" in k), None)
     print(f"  {title}")
-    for k, v in rows.items():
-        ratio = f"{v / base:6.2f}x" if base else ""
-        print(f"    {k:40s} {v * 1e3:10.1f} us  {ratio}")
+    for k, t in timings.items():
+        if t.error:
+            print(f"    {k:40s} error: {t.error}")
+            continue
+        ratio = f"{1 / paired_speedup(base, t):6.2f}x" if base is not None and not base.error else ""
+        flag = "" if t.trusted else " !"
+        print(f"    {k:40s} {t.median_ms * 1e3:10.1f} us ({t.spread:4.0%}{flag})  {ratio}")
 
 
 def main():
