@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from .backends import Backend
+from .backends.torch import hyper_linear as _torch_hyper
 
-__all__ = ["BackendUnavailableError", "available_backends", "get_backend", "resolve_backend", "BACKEND_NAMES"]
+__all__ = ["BackendUnavailableError", "available_backends", "get_backend", "resolve_backend", "BACKEND_NAMES",
+           "GENERATE", "HyperShape", "choose_hyper_linear", "hyper_linear_costs"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -120,9 +123,11 @@ def mlp_keeps_hidden(name: str, single_point: bool) -> bool:
 _TRITON_MLP_MAX_WIDTH = 256
 
 
-def _auto(*, op, device, dtype, batch, n, k, m, channel_major, widths=()) -> str:
+def _auto(*, op, device, dtype, batch, n, k, m, channel_major, widths=(), hyper=None) -> str:
     if op == "hyper_linear":
-        return _auto_hyper_linear(device=device, dtype=dtype, n=n)
+        if hyper is None:
+            raise TypeError("resolve_backend: op='hyper_linear' with backend='auto' needs hyper= (a HyperShape)")
+        return choose_hyper_linear(device, dtype, [hyper])
     if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_usable() and implements("triton", op):
         if op != "batched_mlp" or max(k, m, *widths) <= _TRITON_MLP_MAX_WIDTH:
             return "triton"
@@ -131,37 +136,268 @@ def _auto(*, op, device, dtype, batch, n, k, m, channel_major, widths=()) -> str
 
 # -- hyper_linear: fused, or generate-then-apply ------------------------------------------------------
 # "auto" for hyper_linear may also answer GENERATE: materialise the per-sample weights with one GEMM
-# (F.linear(h, head_weight, head_bias)) and run batched_linear on them ("auto" again). The fused op costs N
-# times the FLOPs of generating the weights, for N points per sample, and saves writing and reading
-# B*out*in weights (and the memory to hold them): it wins for few points per sample. One rule: fused while
-# N <= a bound per device kind.
+# (F.linear(h, head_weight, head_bias)) and run batched_linear on them ("auto" again). Both ways do about the
+# same FLOPs at N = 1 (the fused op N times those of generating the weights at N points per sample); what
+# differs is what each writes to memory: the fused op never writes the B*out*in weights, but the torch backend
+# forms (B*N, in*K) outer products x (x) h instead (three times in forward+backward, in chunks), and its
+# GEMMs against a head of out rows are skinny when out is small. So the rule is a cost model of both ways: the
+# FLOPs, the bytes moved and the calls of every pass each one makes, and the temporaries it allocates, priced
+# with constants measured on the device kind (below).
 GENERATE = "generate"
 
-# CPU, the torch backend (bench/hyper_crossover.py; 2 shared cores, float32, relu, forward+backward with the
-# gradients of h and the head; B, in=out, K from (512, 64, 16) to (32, 256, 128)): at N = 1 fused / generate
-# is 0.46-1.17 (a tie on average, at a fraction of the memory); at N = 2 it is 0.74-2.1 and at N = 4 0.9-5.8,
-# growing with N. Fused only for N = 1.
-_HYPER_FUSED_MAX_N_CPU = 1
-# GPU, the Triton kernels: expected by design, NOT MEASURED (no GPU in the session that wrote it). The fused
-# GEMM takes ~N * 2*B*out*in*K / peak; generating takes 2*B*out*in*K / peak plus a round trip of B*out*in
-# weights (written once, read once: 2 * itemsize bytes each) through memory; so fused wins while
-# (N - 1) * K < itemsize * peak / bandwidth, ~600 for bfloat16 on an H100 (~990 TFLOP/s over ~3.3 TB/s): N <= 5 at
-# K = 128. Kept as one bound on N until bench/hyper_crossover.py --device cuda measures it.
-_HYPER_FUSED_MAX_N_GPU = 4
+
+@dataclass(frozen=True)
+class HyperShape:
+    """One generated layer ``y[b] = act(W[b] x[b] + c[b])``, ``[W[b], c[b]] = head(h[b])``, as the cost model
+    sees it. ``grad``: a backward will run (the gradients of h and the head); ``x_grad``: it needs x's too."""
+
+    batch: int
+    n: int
+    in_features: int
+    out_features: int
+    cond: int
+    bias: bool = True
+    head_bias: bool = True
+    itemsize: int = 4
+    grad: bool = True
+    x_grad: bool = False
 
 
-def _auto_hyper_linear(*, device, dtype, n) -> str:
+# The terms of a Work that take time, each priced in seconds per unit by a Machine.
+TIME_TERMS = ("gemm_flops", "bmm_flops", "bmm_products", "bytes", "transpose_bytes", "fresh_bytes", "calls")
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one way of running layers costs. Time: ``gemm_flops`` (GEMMs with large operands, BLAS at full speed),
+    ``bmm_flops`` and ``bmm_products`` (per-sample products of small matrices: their FLOPs, and how many there are,
+    B per bmm call, each with its own set-up cost), ``bytes`` (read and written by every pass, GEMM operands
+    included), ``transpose_bytes`` (read and written by copies that transpose, far slower per byte),
+    ``fresh_bytes`` (allocations that get new pages from the OS on every call, see ``_fresh``) and
+    ``calls`` (ops launched). Memory, in bytes: ``saved`` (kept from the forward to the end of the backward,
+    outputs included), ``fwd_transient`` (the forward's largest temporaries), ``grads`` (what the backward
+    returns or accumulates) and ``bwd_transient`` (the backward's largest temporaries)."""
+
+    gemm_flops: float = 0.0
+    bmm_flops: float = 0.0
+    bmm_products: float = 0.0
+    bytes: float = 0.0
+    transpose_bytes: float = 0.0
+    fresh_bytes: float = 0.0
+    calls: float = 0.0
+    saved: float = 0.0
+    fwd_transient: float = 0.0
+    grads: float = 0.0
+    bwd_transient: float = 0.0
+
+    def then(self, other: "Work") -> "Work":
+        """This, then ``other``: a layer then the next (time and kept memory add up; the temporaries of one layer
+        are freed before the next one's), or a forward then its backward (which has no ``saved``, as a forward has
+        no ``grads``)."""
+        terms = {t: getattr(self, t) + getattr(other, t) for t in TIME_TERMS}
+        return Work(**terms, saved=self.saved + other.saved, grads=self.grads + other.grads,
+                    fwd_transient=max(self.fwd_transient, other.fwd_transient),
+                    bwd_transient=max(self.bwd_transient, other.bwd_transient))
+
+    @property
+    def peak_bytes(self) -> float:
+        """Memory at the peak of forward+backward (forward only: ``grads`` and ``bwd_transient`` are 0)."""
+        return self.saved + max(self.fwd_transient, self.grads + self.bwd_transient)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The prices of :class:`Work` on one device kind: ``seconds_per[term]`` for each of ``TIME_TERMS``;
+    ``source`` says where they come from."""
+
+    seconds_per: Mapping[str, float]
+    source: str
+
+    def seconds(self, work: Work) -> float:
+        return sum(self.seconds_per[t] * getattr(work, t) for t in TIME_TERMS)
+
+
+# CPU, the torch backend: fitted (least squares on relative error) to the fused and the generate forward+backward
+# and forward times of 64 float32 layers (CPU time of one thread, the min of 7 interleaved rounds) by
+# `python bench/hyper_crossover.py --threads 1 --clock cpu --fit`: relative error of the model on them, median
+# 10%, 90th percentile 27%; the table, and a check of the choices in wall time, are in
+# bench/results/cpu_hyper_crossover.md. CPU time of one thread because the 2-core machine is shared: its wall
+# times are inflated by other processes' time slices, more so with two threads waiting for each other. The
+# rule compares the two ways' times, and uses these prices for any number of threads and any dtype (priced by
+# its itemsize). calls: the fit resolved no per-op cost.
+_CPU = Machine(dict(gemm_flops=1 / 1.14e11, bmm_flops=1 / 4.92e10, bmm_products=2.38e-7, bytes=1 / 1.25e10,
+                    transpose_bytes=1 / 2.1e9, fresh_bytes=1 / 1.68e9, calls=0.0),
+               source="measured: bench/hyper_crossover.py on a 2-core CPU")
+# GPU, the Triton kernels: NOT MEASURED (no GPU has run this rule). Prices from the design, for an H100-class
+# device: ~3 TB/s of memory bandwidth; dense GEMMs at ~700 TFLOP/s in 16-bit types and ~60 TFLOP/s in float32
+# (TF32 not assumed); ~5 us a launch; PyTorch's caching allocator reuses memory (no fresh pages); the Triton
+# batched_linear is one launch over all samples (no per-sample set-up). Until `bench/hyper_crossover.py --device
+# cuda --fit` measures them.
+_GPU_BYTES_PER_S = 3.0e12
+_GPU_FLOPS_PER_S = {2: 700e12, 4: 60e12, 8: 30e12}
+_GPU_SECONDS_PER_CALL = 5e-6
+
+
+def _gpu_machine(itemsize: int) -> Machine:
+    flops = _GPU_FLOPS_PER_S.get(itemsize, _GPU_FLOPS_PER_S[4])
+    return Machine(dict(gemm_flops=1 / flops, bmm_flops=1 / flops, bmm_products=0.0, bytes=1 / _GPU_BYTES_PER_S,
+                        transpose_bytes=1 / _GPU_BYTES_PER_S, fresh_bytes=0.0, calls=_GPU_SECONDS_PER_CALL),
+                   source="design, not measured")
+
+
+# glibc (the CPU allocator under PyTorch on Linux) serves an allocation above its largest mmap threshold, 32 MiB,
+# with a fresh mmap on every call, whose pages fault in on first touch (measured ~0.4 ms per MiB on the 2-core
+# CPU; below the threshold freed memory is reused at no cost).
+_FRESH_THRESHOLD = 32 * 2**20
+
+
+def _fresh(nbytes: float) -> float:
+    return nbytes if nbytes > _FRESH_THRESHOLD else 0.0
+
+
+# Where the predicted times of the two ways are this close, the one that needs less memory is taken: the
+# model's median error on the measured grid is of this order, so time cannot tell them apart there.
+_HYPER_TIME_TIE = 0.10
+
+
+def _torch_chunks(batch: int, n: int, rows: int) -> tuple[int, int]:
+    """``(chunks, rows of the largest)`` of the torch backend's ``_chunks`` over ``(B, N)`` at ``rows`` a chunk."""
+    if n <= rows:
+        per = rows // n
+        return -(-batch // per), min(batch, per) * n
+    return batch * -(-n // rows), rows
+
+
+def fused_work_torch(s: HyperShape) -> Work:
+    """The torch backend's hyper_linear (backends/torch/hyper_linear.py): chunked outer products."""
+    b, n, i, o, k, z = s.batch, s.n, s.in_features, s.out_features, s.cond, s.itemsize
+    r, ik, p = b * n, i * k, o * i + o * s.bias
+    chunks_f, rows_f = _torch_chunks(b, n, _torch_hyper.chunk_rows(i, k, z, 1, o))
+    fwd = Work(
+        gemm_flops=2.0 * r * ik * o + s.head_bias * 2.0 * r * i * o + s.bias * 2.0 * b * k * o,
+        # u = x (x) h written and read by the GEMM; x, h, the head per chunk; z set, accumulated; the activation.
+        bytes=z * (2.0 * r * ik + r * i + b * k + o * ik * chunks_f + 5.0 * r * o),
+        calls=4 + 2 * chunks_f,
+        fresh_bytes=_fresh(z * rows_f * ik),
+        saved=z * 2.0 * r * o,  # y and the pre-activation
+        fwd_transient=z * rows_f * ik,
+    )
+    if not s.grad:
+        return fwd
+    chunks, rows_b = _torch_chunks(b, n, _torch_hyper.chunk_rows(i, k, z, 2, o))
+    bwd = Work(
+        # dG_W = dz^T u and V = dz G_W over every chunk; the bias rows, the head bias and dx's g_W term.
+        gemm_flops=4.0 * r * ik * o + s.bias * 4.0 * b * o * k + s.head_bias * (1 + s.x_grad) * 2.0 * r * i * o,
+        bmm_flops=(1 + s.x_grad) * 2.0 * r * ik,  # dh (and dx) contract V with x (h) per sample
+        bmm_products=(1 + s.x_grad) * b,
+        # dz; zero-filled dG; u written and read; V written and read (twice with dx); dG_W accumulated per chunk.
+        bytes=z * (3.0 * r * o + p * k + b * k + (4.0 + s.x_grad) * r * ik + 2.0 * o * ik * chunks
+                   + (1 + s.x_grad) * r * i),
+        calls=8 + (4 + s.x_grad) * chunks,
+        fresh_bytes=2 * _fresh(z * rows_b * ik) + _fresh(z * p * k),
+        grads=z * (p * k + p + b * k + s.x_grad * r * i + r * o),
+        bwd_transient=z * rows_b * ik * 2,
+    )
+    return fwd.then(bwd)
+
+
+def fused_work_triton(s: HyperShape) -> Work:
+    """The Triton kernels (backends/triton/hyper_linear.py): outer products formed in registers, never stored."""
+    b, n, i, o, k, z = s.batch, s.n, s.in_features, s.out_features, s.cond, s.itemsize
+    r, p = b * n, o * i + o * s.bias
+    fwd = Work(gemm_flops=2.0 * r * i * k * o + s.head_bias * 2.0 * r * i * o + s.bias * 2.0 * r * k * o,
+               bytes=z * (r * i + b * k + p * k + 2.0 * r * o), calls=1, saved=z * 2.0 * r * o)
+    if not s.grad:
+        return fwd
+    bwd = Work(
+        gemm_flops=(2 + s.x_grad) * 2.0 * r * i * k * o,  # dh, dG_W (and dx): each as large as the forward
+        # dz; the head read per GEMM, the (O, K, I) copy for dx; the float32 (B*N, K) partial sums of dh.
+        bytes=z * (3.0 * r * o + (3 + 2 * s.x_grad) * p * k + (1 + s.x_grad) * r * i) + 8.0 * r * k,
+        calls=4 + 2 * s.x_grad,
+        grads=z * (p * k + p + b * k + s.x_grad * r * i + r * o),
+        bwd_transient=z * s.x_grad * p * k + 4.0 * r * k,
+    )
+    return fwd.then(bwd)
+
+
+def generate_work(s: HyperShape) -> Work:
+    """Generate-then-apply: theta = F.linear(h, head) (B, P), then batched_linear on its (B, O, I) view; in the
+    backward, autograd turns each view's gradient into a zero-filled (B, P) buffer, then the head's GEMMs."""
+    b, n, i, o, k, z = s.batch, s.n, s.in_features, s.out_features, s.cond, s.itemsize
+    r, p = b * n, o * i + o * s.bias
+    # With a head bias, addmm first copies it into every row of theta, then accumulates the GEMM onto it.
+    fwd = Work(gemm_flops=2.0 * b * k * p, bmm_flops=2.0 * r * i * o, bmm_products=b,
+               bytes=z * (b * k + p * k + (1 + 2 * s.head_bias) * b * p + r * i + b * o * i + 4.0 * r * o),
+               calls=4, fresh_bytes=_fresh(z * b * p) + 2 * _fresh(z * r * o), saved=z * (b * p + 2.0 * r * o))
+    if not s.grad:
+        return fwd
+    views = 1 + s.bias
+    grads = p * k + p + b * k + s.x_grad * r * i + r * o
+    bwd = Work(
+        gemm_flops=4.0 * b * p * k,  # dG = dtheta^T h, dh = dtheta G
+        bmm_flops=(1 + s.x_grad) * 2.0 * r * i * o,  # dW (and dx)
+        bmm_products=(1 + s.x_grad) * b,
+        # dW comes out of bmm as (B, in, out): the (B, out*in) slice of theta's gradient takes it transposed.
+        transpose_bytes=z * 2.0 * b * o * i,
+        bytes=z * (4.0 * r * o + (1 + s.x_grad) * (r * o + b * o * i + r * i) + (3.0 * views - 1) * b * p
+                   + 2.0 * (b * p + p * k + b * k) + b * p),
+        calls=8 + 2 * views,
+        fresh_bytes=_fresh(z * b * o * i) + views * _fresh(z * b * p) + _fresh(z * p * k),
+        grads=z * grads,
+        # On top of what the forward saved: dW and the first view's zero-filled (B, P) gradient, then each view's;
+        # then theta's summed gradient while the head's gradients are computed from it.
+        bwd_transient=z * (max(b * o * i + b * p, views * b * p, b * p + grads) - grads),
+    )
+    return fwd.then(bwd)
+
+
+def _fused_impl(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs hyper_linear fused here: Triton on CUDA for its dtypes, else the torch backend."""
     if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_usable() and implements("triton", "hyper_linear"):
-        return "triton" if n <= _HYPER_FUSED_MAX_N_GPU else GENERATE
-    return _TORCH_FORMULATION if n <= _HYPER_FUSED_MAX_N_CPU else GENERATE
+        return "triton"
+    return _TORCH_FORMULATION
+
+
+def hyper_linear_costs(impl: str, device: torch.device, layers: Sequence[HyperShape],
+                       machine: Optional[Machine] = None) -> dict:
+    """``{"fused": (seconds, peak bytes), GENERATE: (...)}`` predicted for running ``layers`` one after the other
+    with the fused backend ``impl`` or by generate-then-apply, at the prices of ``machine`` (default: those of the
+    device kind)."""
+    if machine is None:
+        machine = _gpu_machine(layers[0].itemsize) if device.type == "cuda" else _CPU
+    fused_work = fused_work_triton if impl == "triton" else fused_work_torch
+    out = {}
+    for way, cost in (("fused", fused_work), (GENERATE, generate_work)):
+        total = cost(layers[0])
+        for layer in layers[1:]:
+            total = total.then(cost(layer))
+        out[way] = (machine.seconds(total), total.peak_bytes)
+    return out
+
+
+def choose_hyper_linear(device: torch.device, dtype: torch.dtype, layers: Sequence[HyperShape],
+                        impl: Optional[str] = None, machine: Optional[Machine] = None) -> str:
+    """hyper_linear's "auto": the fused backend's name (``impl``, else the one "auto" runs fused here), or
+    GENERATE, for ``layers`` run one after the other (one layer for ``hyper_linear``, every generated layer of a
+    ``HyperNetwork``). The faster way by the cost model; within ``_HYPER_TIME_TIE`` of each other, the one with
+    the smaller peak memory. Without layers, the fused backend."""
+    impl = impl or _fused_impl(device, dtype)
+    if not layers:
+        return impl
+    costs = hyper_linear_costs(impl, device, layers, machine)
+    (t_f, m_f), (t_g, m_g) = costs["fused"], costs[GENERATE]
+    if abs(t_f - t_g) <= _HYPER_TIME_TIE * min(t_f, t_g):
+        return impl if m_f <= m_g else GENERATE
+    return impl if t_f < t_g else GENERATE
 
 
 def resolve_backend(
     requested: str, *, op: str, device: torch.device, dtype: torch.dtype, batch: int, n: int, k: int, m: int,
-    channel_major: bool = False, widths: tuple = (),
+    channel_major: bool = False, widths: tuple = (), hyper: Optional[HyperShape] = None,
 ) -> str:
     """Turn the user's ``backend=`` into a concrete implementation name, or raise a clear error. ``widths``: every
-    layer width of a batched_mlp (in, hidden..., out)."""
+    layer width of a batched_mlp (in, hidden..., out). ``hyper``: the layer of a hyper_linear, for its cost model
+    (``"auto"`` may then answer ``GENERATE``)."""
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a string, one of {list(BACKEND_NAMES)}, got {type(requested).__name__}")
     if requested not in BACKEND_NAMES:
@@ -170,7 +406,7 @@ def resolve_backend(
         return "torch_bmm"  # empty problems: bmm handles every empty size and keeps autograd intact
     if requested == "auto":
         return _auto(op=op, device=device, dtype=dtype, batch=batch, n=n, k=k, m=m, channel_major=channel_major,
-                     widths=tuple(widths))
+                     widths=tuple(widths), hyper=hyper)
     name = _TORCH_FORMULATION if requested == "torch" else requested
     reason = _unavailable_reason(name)
     if reason is not None:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._dispatch import GENERATE, mlp_keeps_hidden, resolve_backend, runs_as_composition
+from ._dispatch import GENERATE, HyperShape, mlp_keeps_hidden, resolve_backend, runs_as_composition
 from .activations import DEFAULT_SINE_W0, get_activation
 from .backends.torch import hyper_linear as torch_hyper
 from .backends.torch import linear as torch_linear
@@ -165,9 +165,10 @@ def hyper_linear(
     Equals ``batched_linear(x, W, c, activation=...)`` with ``theta = F.linear(h, head_weight, head_bias)``,
     ``W = theta[:, :out*in].view(B, out, in)`` and ``c = theta[:, out*in:]``, computed as
     ``y[b] = act(sum_k h[b, k] G_k x[b] + g_W x[b] + c[b])``: one GEMM whose reduction runs over
-    ``in * K`` pairs ``x[b, n, i] * h[b, k]``, formed on the fly. Its cost grows with N; with
-    ``backend="auto"`` it runs where it is the faster way (few points per sample), and generate-then-apply
-    elsewhere (``hyperkernels/_dispatch.py``).
+    ``in * K`` pairs ``x[b, n, i] * h[b, k]``, formed on the fly. Its cost grows with N and with ``K`` against
+    ``out``; ``backend="auto"`` runs whichever of the two ways a cost model of both (FLOPs, bytes moved, calls
+    and temporaries, from B, N, in, out, K, the biases, the dtype, the device and whether a backward will run)
+    says is faster, and the one with less memory where they are about even (``hyperkernels/_dispatch.py``).
 
     Args:
         x: ``(B, in)`` or ``(B, N, in)``.
@@ -198,14 +199,17 @@ def hyper_linear(
     single = x.dim() == 2
     x3 = x.unsqueeze(1) if single else x
     batch, n, in_features = x3.shape
+    grad = _grad_will_be_needed(x3, h, head_weight, head_bias)
+    shape = HyperShape(batch, n, in_features, out_features, h.shape[1], bias, head_bias is not None,
+                       x3.element_size(), grad, grad and x3.requires_grad)
     impl = resolve_backend(backend, op="hyper_linear", device=x3.device, dtype=x3.dtype, batch=batch, n=n,
-                           k=in_features, m=out_features)
+                           k=in_features, m=out_features, hyper=shape)
     if runs_as_composition(impl, "hyper_linear", n):
         y = torch_hyper.reference_forward(x3, h, head_weight, head_bias, out_features, bias, act, w0)
     elif impl == GENERATE:
         weight, c = torch_hyper.generate(h, head_weight, head_bias, out_features, in_features, bias)
         y = _run_linear(x3, weight, c, act.name, w0, "auto", False, "batched_linear")
     else:
-        save_preact = act.needs_preactivation and _grad_will_be_needed(x3, h, head_weight, head_bias)
+        save_preact = act.needs_preactivation and grad
         y, _ = hyper_linear_op(x3, h, head_weight, head_bias, out_features, bias, act.name, w0, save_preact, impl)
     return y.squeeze(1) if single else y

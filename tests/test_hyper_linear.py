@@ -14,7 +14,8 @@ from torch.nn.utils import parameters_to_vector
 import hyperkernels as hk
 from conftest import (TRITON_DEVICE, TRITON_REASON, assert_compiles_without_graph_break, backend_params,
                       is_slow_path, needs_gpu, needs_triton, supports)
-from hyperkernels._dispatch import GENERATE, resolve_backend
+from hyperkernels import _dispatch
+from hyperkernels._dispatch import GENERATE, HyperShape, resolve_backend
 from hyperkernels.backends.torch import hyper_linear as torch_hyper
 from hyperkernels.ops import hyper_linear_backward_op, hyper_linear_op
 from reference import FORWARD_RTOL, GRAD_RTOL, assert_close, linear_reference
@@ -327,22 +328,114 @@ def test_empty_batch():
 # -- the auto rule ------------------------------------------------------------------------------------------
 
 
-def test_auto_rule():
-    """One token per sample: fused. More: generate-then-apply on CPU; on CUDA the Triton kernels up to the rule's
-    bound. The rule needs no GPU to be checked: it looks at the device type, the dtype and N."""
-    from hyperkernels import _dispatch
+# (B, N, in, out, K) and the way the cost model must pick on CPU for a training step. The issue's shape: a
+# hypernetwork with a 100-wide hidden state generating Linear(100, 5), one point per sample, where the fused op
+# forms (B, 100*100) products to save writing (B, 505) weights (bench/results/cpu_hyper_crossover.md: 2.5x slower).
+CPU_CHOICES = [
+    ((4096, 1, 100, 5, 100), GENERATE),      # the issue: out << K
+    ((1024, 1, 64, 256, 16), "torch_bmm"),   # out >> K: the weights are 16x the products
+    ((512, 1, 255, 257, 3), "torch_bmm"),    # odd sizes, K = 3: 3 products per input against 257 weights
+    ((64, 64, 64, 64, 64), GENERATE),        # many points per sample: N times the fused FLOPs
+    ((257, 16, 100, 5, 100), GENERATE),      # out << K and 16 points per sample
+]
 
-    common = dict(op="hyper_linear", batch=64, k=16, m=16)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_backend("auto", device=cpu, dtype=torch.float32, n=1, **common) == "torch_bmm"
-    assert resolve_backend("auto", device=cpu, dtype=torch.float32, n=_dispatch._HYPER_FUSED_MAX_N_CPU + 1,
-                           **common) == GENERATE
-    if TRITON_REASON is None:
-        for dtype in (torch.float32, torch.bfloat16):
-            assert resolve_backend("auto", device=cuda, dtype=dtype, n=1, **common) == "triton"
-            assert resolve_backend("auto", device=cuda, dtype=dtype, n=_dispatch._HYPER_FUSED_MAX_N_GPU + 1,
-                                   **common) == GENERATE
-    assert resolve_backend("torch", device=cpu, dtype=torch.float32, n=1000, **common) == "torch_bmm"
+
+@pytest.mark.parametrize("shape, expected", CPU_CHOICES, ids=[str(s) for s, _ in CPU_CHOICES])
+def test_auto_rule_cpu(shape, expected):
+    """The CPU choices of the cost model on shapes that clearly favour one way (bench/results/
+    cpu_hyper_crossover.md has the measured times)."""
+    b, n, i, o, k = shape
+    hyper = HyperShape(b, n, i, o, k, True, True, 4, True, False)
+    got = resolve_backend("auto", op="hyper_linear", device=torch.device("cpu"), dtype=torch.float32, batch=b, n=n,
+                          k=i, m=o, hyper=hyper)
+    assert got == expected
+    costs = _dispatch.hyper_linear_costs("torch_bmm", torch.device("cpu"), [hyper])
+    faster = min(costs, key=lambda way: costs[way][0])
+    assert (GENERATE if expected == GENERATE else "fused") == faster
+
+
+@pytest.mark.parametrize("shape", [(512, 1, 100, 5, 100), (96, 3, 64, 64, 64), (64, 2, 33, 257, 16)])
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_auto_rule_memory_model_matches_the_allocator(shape, x_grad):
+    """The cost model's peak memory of each way, against the bytes the CPU allocator really holds at the peak
+    of a training step (torch.profiler): within 10% (the time side is checked by bench/hyper_crossover.py)."""
+    b, n, i, o, k = shape
+    x = torch.randn(b, n, i, requires_grad=x_grad)
+    h = torch.randn(b, k, requires_grad=True)
+    head_weight = (torch.randn(o * i + o, k) / (i * k) ** 0.5).requires_grad_()
+    head_bias = torch.zeros(o * i + o, requires_grad=True)
+    wrt = (x, h, head_weight, head_bias) if x_grad else (h, head_weight, head_bias)
+
+    def fused():
+        return hk.hyper_linear(x, h, head_weight, head_bias, out_features=o, activation="relu", backend="torch")
+
+    def generate():  # the generated weights are held by autograd alone, as inside hyper_linear's generate path
+        w, c = torch_hyper.generate(h, head_weight, head_bias, o, i, True)
+        return hk.batched_linear(x, w, c, activation="relu")
+
+    def step(forward):
+        y = forward()
+        torch.autograd.grad(y, wrt, torch.ones_like(y))
+
+    costs = _dispatch.hyper_linear_costs("torch_bmm", torch.device("cpu"),
+                                         [HyperShape(b, n, i, o, k, True, True, 4, True, x_grad)])
+    for way, forward in (("fused", fused), (GENERATE, generate)):
+        measured, predicted = _peak_cpu_bytes(lambda: step(forward)), costs[way][1]
+        assert abs(predicted / measured - 1) < 0.1, f"{way}: predicted {predicted / 2**20:.2f} MiB, " \
+                                                   f"measured {measured / 2**20:.2f} MiB"
+
+
+def test_auto_rule_ties_go_to_the_smaller_memory(monkeypatch):
+    """Where the predicted times are within _HYPER_TIME_TIE, the way with the smaller predicted peak wins."""
+    cpu, hyper = torch.device("cpu"), HyperShape(1024, 1, 64, 64, 64)
+    costs = {"fused": (1.0, 10.0), GENERATE: (1.05, 5.0)}
+    monkeypatch.setattr(_dispatch, "hyper_linear_costs", lambda *a: costs)
+    assert _dispatch.choose_hyper_linear(cpu, torch.float32, [hyper]) == GENERATE
+    costs["fused"] = (1.0, 4.0)
+    assert _dispatch.choose_hyper_linear(cpu, torch.float32, [hyper]) == "torch_bmm"
+    costs[GENERATE] = (1.2, 1.0)  # out of the tie: time decides
+    costs["fused"] = (1.0, 10.0)
+    assert _dispatch.choose_hyper_linear(cpu, torch.float32, [hyper]) == "torch_bmm"
+
+
+def test_auto_rule_gpu_model():
+    """CUDA: the same model with the design's (unmeasured) prices; the Triton kernels form the products in
+    registers, so at N = 1 they write nothing of size B*in*K and win; at many points per sample, generate. The rule
+    needs no GPU to be checked: it looks at the device type, the dtype and the shape."""
+    if TRITON_REASON is not None:
+        pytest.skip(f"backend triton unavailable: {TRITON_REASON}")
+    cuda = torch.device("cuda")
+    for dtype, itemsize in ((torch.bfloat16, 2), (torch.float32, 4)):
+        one = HyperShape(16384, 1, 256, 256, 128, itemsize=itemsize)
+        many = HyperShape(4096, 256, 256, 256, 128, itemsize=itemsize)
+        assert _dispatch.choose_hyper_linear(cuda, dtype, [one]) == "triton"
+        assert _dispatch.choose_hyper_linear(cuda, dtype, [many]) == GENERATE
+    # float64 has no Triton kernels: the torch backend's model, even on CUDA
+    assert _dispatch.choose_hyper_linear(cuda, torch.float64, [HyperShape(1024, 1, 64, 256, 16, itemsize=8)]) \
+        == "torch_bmm"
+
+
+def test_auto_rule_needs_the_shape_and_named_backends_skip_it():
+    common = dict(op="hyper_linear", device=torch.device("cpu"), dtype=torch.float32, batch=64, n=1, k=16, m=16)
+    with pytest.raises(TypeError, match="needs hyper="):
+        resolve_backend("auto", **common)
+    assert resolve_backend("torch", **{**common, "n": 1000}) == "torch_bmm"
+
+
+def test_auto_passes_the_shape_to_the_rule(monkeypatch):
+    """hyper_linear hands the rule K, both biases, the itemsize and whether a backward (and x's gradient) is
+    needed."""
+    seen = []
+    real = _dispatch.choose_hyper_linear
+    monkeypatch.setattr(_dispatch, "choose_hyper_linear", lambda d, t, layers, impl=None: seen.extend(layers) or
+                        real(d, t, layers, impl))
+    x, h = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    head_weight = torch.randn(2 * 4, 7, dtype=torch.float64)
+    hk.hyper_linear(x, h, head_weight, out_features=2, bias=False)
+    with torch.no_grad():
+        hk.hyper_linear(x.requires_grad_(), h, head_weight, out_features=2, bias=False)
+    assert seen == [HyperShape(3, 5, 4, 2, 7, False, False, 8, True, False),
+                    HyperShape(3, 5, 4, 2, 7, False, False, 8, False, False)]
 
 
 def test_auto_generate_path_matches_fused():

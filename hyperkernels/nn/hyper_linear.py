@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-import math
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -11,6 +9,7 @@ from .._validate import check_w0
 from ..activations import DEFAULT_SINE_W0, get_activation
 from ..functional import hyper_linear
 from ..layout import ParamLayout
+from .hypernetwork import hyperfan_init_
 
 
 class HyperLinear(nn.Module):
@@ -62,13 +61,10 @@ class HyperLinear(nn.Module):
         return self.layout.numel
 
     def reset_parameters(self) -> None:
-        weight_var = 1.0 / (3 * self.in_features)  # nn.Linear's default: uniform in +-1/sqrt(in)
-        rows = self.out_features * self.in_features
-        with torch.no_grad():
-            self.head.weight[:rows].uniform_(-1.0, 1.0).mul_(math.sqrt(3 * weight_var / self.cond_features))
-            # Generated biases at half their default variance, like HyperNetwork's "hyperfan" head.
-            self.head.weight[rows:].uniform_(-1.0, 1.0).mul_(math.sqrt(3 * weight_var / 2 / self.cond_features))
-            self.head.bias.zero_()
+        """The "hyperfan" head of :class:`HyperNetwork` for one ``nn.Linear(in_features, out_features)`` target,
+        with ``E||h||^2 = cond_features``."""
+        variance = 1.0 / (3 * self.in_features)  # nn.Linear's default: uniform in +-1/sqrt(in)
+        hyperfan_init_(self.head, self.layout, {name: variance for name in self.layout.names}, self.cond_features)
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
         return hyper_linear(x, h, self.head.weight, self.head.bias, out_features=self.out_features, bias=self.bias,
