@@ -1,5 +1,7 @@
-"""hk.nn.batched: every supported layer kind, activation, dtype, N, flat and dict params and shared parameters,
-against vmap(functional_call(module, ...)) on the same parameters (in float64); the fused-MLP plan; bad input."""
+"""hk.nn.batched on its kernel layers (nn.Linear, 1x1 convs, the fused activations): every layer kind, activation,
+dtype, N, flat and dict params and shared parameters, against vmap(functional_call(module, ...)) on the same
+parameters (in float64); the fused-MLP plan; bad input. Everything else that batched() runs per sample through
+vmap is in test_batched_models.py."""
 import copy
 import importlib
 import math
@@ -16,6 +18,7 @@ from reference import FORWARD_RTOL, GRAD_RTOL, assert_close
 
 # the module, not the function hk.nn.batched that shadows it as an attribute of hk.nn
 batched_module = importlib.import_module("hyperkernels.nn.batched")
+plan_module = importlib.import_module("hyperkernels.nn._plan")
 
 ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
                "identity": nn.Identity, "sine": lambda: hk.nn.Sine(30.0)}
@@ -152,8 +155,9 @@ def test_batch_of_one():
 
 
 def test_layer_by_layer_path_matches(monkeypatch):
-    """A backend without a fused MLP runs the same segments layer by layer, with the same result."""
-    monkeypatch.setattr(batched_module, "implements", lambda name, op: op != "batched_mlp")
+    """A backend without a fused MLP (or where it would be the plain composition) runs the same runs layer by
+    layer, with the same result."""
+    monkeypatch.setattr(batched_module, "fused_mlp_worth_it", lambda *args: False)
     for name in ["mlp", "mixed-activations", "siren-two-w0", "nested"]:
         for kind in ["flat", "dict"]:
             run_case(name, params_kind=kind, n=3)
@@ -173,13 +177,13 @@ def test_triton_backend():
 # -- the plan ------------------------------------------------------------------------------------
 
 def _segments(net):
-    return [s for s in net._steps if isinstance(s, batched_module._Segment)]
+    return [s for s in net._steps if isinstance(s, plan_module.FusedRun)]
 
 
 def test_whole_row_segment_gets_the_flat_tensor_itself():
     """One segment covering the row: the op's input is the flat tensor (its gradient arrives whole)."""
     net = hk.nn.batched(mlp("relu", "identity"))
-    assert len(net._steps) == 1 and isinstance(net._steps[0], batched_module._Segment)
+    assert len(net._steps) == 1 and isinstance(net._steps[0], plan_module.FusedRun)
     flat = torch.randn(3, net.num_params, requires_grad=True)
     y = net(torch.randn(3, 5, 3), flat)
     assert y.grad_fn.next_functions[1][0].variable is flat
@@ -198,26 +202,30 @@ def test_segments_read_narrowed_ranges():
 
 
 def test_sine_w0_splits_segments():
+    """Layer 0 (sine, w0=30) cannot share a fused op with layers 2 and 4 (w0=1); alone, it is a kernel layer."""
     net = hk.nn.batched(MODULES["siren-two-w0"][0]())
-    segs = _segments(net)
-    assert [[l.index for l in s.layers] for s in segs] == [["0"], ["2", "4"]]
-    assert segs[0].w0 == 30.0 and segs[1].w0 == 1.0
+    first, run = net._steps
+    assert isinstance(first, plan_module.Layer) and (first.activation, first.w0) == ("sine", 30.0)
+    assert [l.index for l in run.layers] == ["2", "4"] and run.w0 == 1.0
 
 
-def test_shared_parameters_are_expanded_not_copied(monkeypatch):
+def test_shared_layers_run_dense_on_the_parameter_itself(monkeypatch):
+    """A layer whose weight every sample shares runs as one dense layer on the parameter itself (never copied B
+    times); a shared bias next to a per-sample weight is read with batch stride 0."""
     seen = []
-    real = batched_module.batched_linear
+    real = torch.nn.functional.linear
 
-    def spy(x, weight, bias=None, **kw):
-        seen.append((weight.stride(0), None if bias is None else bias.stride(0)))
-        return real(x, weight, bias, **kw)
+    def spy(x, weight, bias=None):
+        seen.append((weight.data_ptr(), tuple(weight.shape), None if bias is None else bias.data_ptr()))
+        return real(x, weight, bias)
 
-    monkeypatch.setattr(batched_module, "batched_linear", spy)
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
     net = hk.nn.batched(mlp("relu", "identity", (3, 8, 8, 8, 2)), shared=("2.weight", "2.bias"))
     assert net.layout.names == ["0.weight", "0.bias", "4.weight", "4.bias", "6.weight", "6.bias"]
     assert [n for n, _ in net.named_parameters()] == ["shared.2_weight", "shared.2_bias"]
     net(torch.randn(4, 3), torch.randn(4, net.num_params))
-    assert seen == [(0, 0)]  # the shared layer, layer by layer, with batch stride 0
+    shared = net.shared_parameters()
+    assert seen == [(shared["2.weight"].data_ptr(), (8, 8), shared["2.bias"].data_ptr())]
 
 
 def test_layout_is_parameters_to_vector_order():
@@ -266,11 +274,6 @@ def test_module_conversions_and_repr():
 
 # -- bad input -----------------------------------------------------------------------------------
 
-class Custom(nn.Module):
-    def forward(self, x):
-        return x
-
-
 class LinearWithOwnForward(nn.Linear):
     def forward(self, x):
         return super().forward(x) * 2
@@ -296,41 +299,42 @@ class HypnettorchLike(nn.Module):
     param_shapes = [[4, 3], [4]]
 
 
-def _tied():
-    lin = nn.Linear(4, 4)
-    return nn.Sequential(lin, nn.ReLU(), lin)
+class Overlapping(nn.Module):
+    """Two parameters that are views of one tensor."""
+
+    def __init__(self):
+        super().__init__()
+        base = torch.randn(10)
+        self.a = nn.Parameter(base[:6])
+        self.b = nn.Parameter(base[4:])
+
+    def forward(self, x):
+        return x * self.a.sum() + self.b.sum()
 
 
 @pytest.mark.parametrize(
     "make, kwargs, pattern",
     [
-        (lambda: nn.Sequential(nn.Linear(3, 4), nn.Conv2d(4, 4, 3)), {},
-         r"layer 1 \(Conv2d\) has kernel_size=\(3, 3\).*Supported: nn.Linear"),
-        (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), {},
-         r"layer 1 \(BatchNorm1d\) is not supported by batched\(\)\. Supported: nn.Linear.*nn.ReLU"),
-        (lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Dropout(0.1)), {}, r"layer 2 \(Dropout\) is not supported"),
-        (lambda: nn.Sequential(nn.Linear(3, 4), Custom()), {}, r"layer 1 \(Custom\) is not supported"),
-        (lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU(approximate="tanh")), {},
-         r"layer 1 \(GELU\) has approximate='tanh'"),
-        (lambda: nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU()), {}, r"layer 1 \(LeakyReLU\) is not supported"),
-        (lambda: nn.Conv1d(3, 4, 1, stride=2), {}, r"stride=\(2,\)"),
-        (lambda: nn.Conv2d(4, 4, 1, groups=2), {}, r"groups=2"),
-        (lambda: nn.Conv2d(4, 4, 1, padding=1), {}, r"padding=\(1, 1\)"),
-        (lambda: nn.ReLU(), {}, r"expected an nn.Linear, a 1x1 nn.ConvNd or an nn.Sequential, got ReLU"),
-        (lambda: Custom(), {}, r"got Custom"),
-        (lambda: nn.Sequential(nn.ReLU()), {}, r"no nn.Linear or 1x1 conv layer"),
         (lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)), {}, r"layer 1 \(Linear\) takes 5 inputs but layer 0"),
-        (lambda: nn.Sequential(LinearWithOwnForward(3, 4)), {}, r"overrides forward"),
-        (lambda: nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 4))), {}, r"parametrizations"),
-        (_converted_in_place, {}, r"layer 0 \(Linear\) has no parameter 'weight'"),
-        (_tied, {}, r"layer 2 is the same module object as layer 0"),
+        (lambda: nn.Conv1d(8, 8, 1, groups=2), {},
+         r"layer 0 \(Conv1d\) has groups=2, as has every conv of the module: the grouped-conv \"parallel MLP\".*"
+         r"groups=1.*ONE sample's network, e\.g\. nn\.Sequential\(nn\.Linear\(4, 4\)\).*docs/migration\.md"),
+        (lambda: nn.Sequential(nn.Conv1d(6, 12, 1, groups=3), nn.ReLU(), nn.Conv1d(12, 3, 1, groups=3)), {},
+         r"groups=3.*nn\.Sequential\(nn\.Linear\(2, 4\), nn\.ReLU\(\), nn\.Linear\(4, 1\)\)"),
+        (_converted_in_place, {}, r"layer 0 \(Linear\) has no parameter 'weight'.*docs/migration\.md"),
         (_hyperlight_like, {}, r"converted in place by HyperLight's hypernetize\(\): build batched\(\) from the model as it "
                                r"was before"),
-        (HypnettorchLike, {}, r"got HypnettorchLike \(a hypnettorch main network: batched\(\) the equivalent nn.Sequential"),
+        (HypnettorchLike, {}, r"HypnettorchLike has no parameters \(a hypnettorch main network built with "
+                              r"no_weights=True: batched\(\) the equivalent nn.Sequential"),
+        (lambda: nn.ReLU(), {}, r"ReLU has no parameters"),
+        (lambda: nn.Sequential(nn.ReLU()), {}, r"Sequential has no parameters"),
+        (Overlapping, {}, r"parameters 'a' and 'b' share memory .* cannot express"),
         (lambda: nn.Linear(3, 4), {"shared": ("weight", "bias")}, r"no per-sample parameters left"),
         (lambda: nn.Linear(3, 4), {"shared": ("0.weight",)}, r"shared: \['0.weight'\] are not parameters.*\['weight', 'bias'\]"),
+        (lambda: nn.Linear(3, 4), {"shared": ("weight", "weight")}, r"shared: names repeat"),
         (lambda: nn.Linear(3, 4), {"backend": "fast"}, r"backend: expected one of"),
-        (lambda: nn.LazyLinear(4), {}, r"lazy module"),
+        (lambda: nn.LazyLinear(4), {}, r"the module \(LazyLinear\) is a lazy module"),
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(4)), {}, r"layer 1 \(LazyLinear\) is a lazy module"),
     ],
 )
 def test_bad_modules(make, kwargs, pattern):
@@ -338,11 +342,26 @@ def test_bad_modules(make, kwargs, pattern):
         hk.nn.batched(make(), **kwargs)
 
 
-def test_hooks_are_refused():
-    lin = nn.Linear(3, 4)
-    lin.register_forward_hook(lambda m, i, o: o * 2)
-    with pytest.raises(ValueError, match=r"layer 0 \(Linear\) has forward hooks"):
-        hk.nn.batched(lin)
+def test_not_a_module():
+    with pytest.raises(TypeError, match=r"module: expected an nn.Module, got function"):
+        hk.nn.batched(lambda x: x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.Conv2d(4, 4, 3)),
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Dropout(0.1)),
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU(approximate="tanh")),
+    lambda: nn.Conv1d(3, 4, 1, stride=2),
+    lambda: nn.Conv2d(4, 4, 1, padding=1),
+    lambda: nn.Sequential(nn.Conv2d(4, 4, 1, groups=2), nn.Conv2d(4, 4, 3)),
+    lambda: nn.Sequential(LinearWithOwnForward(3, 4)),
+    lambda: nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 4))),
+], ids=["3x3 conv", "Dropout", "GELU tanh", "strided 1x1", "padded 1x1", "grouped conv in a CNN",
+        "Linear subclass with its own forward", "weight_norm"])
+def test_refused_before_now_run_per_sample(make):
+    """What batched() used to refuse runs per sample through vmap: the plan says so."""
+    net = hk.nn.batched(make())
+    assert "per sample through torch.func.vmap" in repr(net) or "elementwise" in repr(net)
 
 
 _NET = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))  # P = 32 + 18 = 50
@@ -388,9 +407,9 @@ def test_bad_forward_input_shared_and_conv():
         net(torch.randn(4, 3), _dict())
     with pytest.raises(ValueError, match=r"shape \(B, 48\) \(the module's parameters minus the shared \['2.bias'\]\)"):
         net(torch.randn(4, 3), torch.randn(4, 50))
-    with pytest.raises(TypeError, match=r"shared parameter '2.bias' is torch.float32 but x is torch.float64"):
+    with pytest.raises(TypeError, match=r"shared parameter '2.bias' is torch.float32 but x and params are torch.float64"):
         net(torch.randn(4, 3).double(), torch.randn(4, 48).double())
-    with pytest.raises(ValueError, match=r"shared parameter '2.bias' is on cpu but x is on meta"):
+    with pytest.raises(ValueError, match=r"shared parameter '2.bias' is on cpu but x and params are on meta"):
         net(torch.randn(4, 3, device="meta"), torch.randn(4, 48, device="meta"))
     conv = hk.nn.batched(nn.Conv2d(4, 6, 1))
     p = torch.randn(2, conv.num_params)

@@ -1,198 +1,47 @@
-"""``batched(module)``: the per-sample version of an ordinary ``nn.Sequential``.
+"""``batched(module)``: the per-sample version of any module that ``torch.func.vmap`` runs, faster.
 
-The returned module runs one copy of ``module`` per sample, each with its own weights, and computes what
-``torch.func.vmap(torch.func.functional_call(module, ...))`` computes on the same parameters, through
-hyperkernels' ops:
+The returned module computes what ``vmap(functional_call(module, ...))`` computes on the same parameters:
 
-* The module is read once, at construction, into a plan of *segments*. A maximal run of ``nn.Linear``
-  layers whose parameters are all per-sample, with one activation between layers (any one after the
-  last), is one segment and runs as one fused ``batched_mlp`` op where the backend has it. It reads the
-  flat ``(B, P)`` params through ``narrow`` (no copy) with an ``MLPSpec`` rebased to its range, so its
-  backward writes one ``(B, segment length)`` gradient; a segment that covers the whole row gets the flat
-  tensor itself, so the gradient arrives as one ``(B, P)`` tensor.
-* 1x1 convolutions, layers with shared parameters, and linear runs on a backend without a fused MLP run
-  layer by layer through ``batched_linear`` / ``batched_conv1x1``, with bias and activation fused.
+* The module is read once, at construction, into a plan (``_plan.py``). In an ``nn.Sequential``, runs of
+  ``nn.Linear`` layers become one fused ``batched_mlp`` op, other linear layers and 1x1 convs run on
+  ``batched_linear`` / ``batched_conv1x1`` with their activation fused (``_kernels.py``), parameter-free
+  elementwise layers act on the whole batch, and every other layer runs per sample through ``torch.func.vmap``
+  (``_per_sample.py``). A module with its own ``forward`` runs per sample under vmap, with its ``nn.Linear`` /
+  1x1-conv / RNN-cell submodules on the kernels. ``print(net)`` shows the plan.
+* Flat ``(B, P)`` params are split once into what each step reads (one ``split``: its backward writes the
+  ``(B, P)`` gradient once, where a view per parameter would each write a zero-filled ``(B, P)`` buffer); fused
+  runs read their range of it in place.
 * Shared parameters (``shared=``) are trainable ``nn.Parameter`` s of the returned module, handed to every
-  sample as an ``expand`` (batch stride 0, never copied ``B`` times); their gradient is the sum over samples.
+  sample without a copy (batch stride 0, or unbatched in vmap); their gradient is the sum over samples. The
+  module's buffers (e.g. an eval-mode BatchNorm's running statistics) are buffers of the returned module, shared
+  by every sample.
 
-Everything that cannot be run this way is refused by ``batched(...)`` itself, with the layer's index and
-type and what is supported.
+What cannot run per sample is refused with the layer's name (``_batched_checks.py``).
 """
 from __future__ import annotations
 
 import math
+import traceback
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _validate
-from .._dispatch import BACKEND_NAMES, implements, resolve_backend
-from ..activations import DEFAULT_SINE_W0, get_activation
-from ..functional import batched_conv1x1, batched_linear, hyper_linear, run_mlp
-from ..layout import MLPSpec, ParamLayout
-from .activations import Sine
+from .._dispatch import BACKEND_NAMES
+from ..activations import get_activation
+from ..functional import hyper_linear
+from ..layout import ParamLayout
+from ._batched_checks import check_inputs, check_module, check_params, check_state
+from ._kernels import fused_mlp_worth_it, linear_is_composition, run_fused_mlp, run_kernel_layer
+from ._per_sample import escaping_kinds, kernel_kinds, kernel_layer_names, run_per_sample, swap_kernel_layers
+from ._plan import (Activation, Elementwise, FusedRun, Layer, PerSample, chunks, compile_steps, fuse_runs,
+                    kernel_layer, plain_sequential, private_copy, walk, whole_module_step)
 
-__all__ = ["batched", "BatchedSequential", "SUPPORTED"]
+__all__ = ["batched", "BatchedSequential"]
 
 Params = Union[Tensor, Mapping[str, Tensor]]
-
-_CONV_TYPES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-# Activation modules and the name of their entry in the one activation table (hyperkernels/activations.py).
-_ACTIVATION_TYPES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
-                     nn.Identity: "none", Sine: "sine"}
-
-SUPPORTED = (
-    "nn.Linear; nn.Conv1d / nn.Conv2d / nn.Conv3d with kernel size 1 (stride 1, no padding, groups 1); "
-    "the activations nn.ReLU, nn.GELU (approximate='none'), nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity and "
-    "hyperkernels.nn.Sine; and nn.Sequential of these"
-)
-
-
-# -- the plan ------------------------------------------------------------------------------------
-
-@dataclass
-class _Layer:
-    """One linear layer or 1x1 conv of the module, with the activation fused after it."""
-
-    index: str              # where it sits in the module, e.g. "2" (or "1.0" in a nested Sequential)
-    type_name: str
-    conv_dims: int          # 0 for nn.Linear, else the number of spatial dims of the nn.ConvNd
-    weight: str             # the parameter names, as in module.state_dict()
-    bias: Optional[str]
-    out_features: int
-    in_features: int
-    activation: str = "none"
-    w0: float = DEFAULT_SINE_W0
-    shared: frozenset = frozenset()  # which of weight / bias are shared by every sample
-
-    @property
-    def names(self) -> list[str]:
-        return [self.weight] + ([self.bias] if self.bias else [])
-
-    def describe(self) -> str:
-        return f"layer {self.index} ({self.type_name})"
-
-
-@dataclass
-class _Activation:
-    """An activation that could not be fused into the layer before it (e.g. the first module)."""
-
-    index: str
-    activation: str
-    w0: float
-
-
-@dataclass
-class _Segment:
-    """Consecutive per-sample nn.Linear layers: one fused batched_mlp op, or layer by layer."""
-
-    layers: list
-    start: int = 0          # where its parameters start in the flat row, and how many there are
-    length: int = 0
-    spec: Optional[MLPSpec] = None
-    activation: str = "none"
-    output_activation: str = "none"
-    w0: float = DEFAULT_SINE_W0
-    names: list = field(default_factory=list)
-
-
-def _same_act(a: tuple, b: tuple) -> bool:
-    """(name, w0) pairs: the same activation (w0 matters only for "sine")."""
-    return a[0] == b[0] and (a[0] != "sine" or a[1] == b[1])
-
-
-def _check_forward_not_overridden(child: nn.Module, base: type, where: str) -> None:
-    # A subclass that keeps the base forward computes the same thing (e.g. torch's
-    # NonDynamicallyQuantizableLinear); one with its own forward could compute anything.
-    if type(child).forward is not base.forward:
-        raise ValueError(
-            f"module: {where} ({type(child).__name__}) subclasses nn.{base.__name__} but overrides forward(), "
-            f"which batched() cannot run per sample. Supported: {SUPPORTED}"
-        )
-
-
-def _walk(module: nn.Module, prefix: str = "") -> Iterable[tuple[str, str, nn.Module]]:
-    """(index, parameter-name prefix, child) for the leaves of a (nested) nn.Sequential, in order."""
-    for name, child in module._modules.items():  # not named_children(), which hides a module used twice
-        if child is None:
-            continue
-        if isinstance(child, nn.Sequential):
-            _check_forward_not_overridden(child, nn.Sequential, f"layer {prefix}{name}")
-            yield from _walk(child, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", f"{prefix}{name}.", child
-
-
-def _read_layer(index: str, prefix: str, child: nn.Module) -> _Layer:
-    where = f"layer {index}"
-    kind = type(child).__name__
-    conv_dims = next((d for t, d in _CONV_TYPES.items() if isinstance(child, t)), 0)
-    _check_forward_not_overridden(child, next(t for t in (nn.Linear, *_CONV_TYPES) if isinstance(child, t)), where)
-    if torch.nn.utils.parametrize.is_parametrized(child):
-        raise ValueError(
-            f"module: {where} ({kind}) has parametrizations (torch.nn.utils.parametrize, e.g. weight_norm or "
-            "spectral_norm); batched() needs plain parameters: remove them (parametrize.remove_parametrizations) "
-            "or generate the parametrized weight yourself"
-        )
-    if isinstance(getattr(child, "weight", None), nn.parameter.UninitializedParameter):
-        raise ValueError(f"module: {where} ({kind}) is a lazy module whose shapes are not known yet: run it once or "
-                         "give its sizes")
-    if child._forward_hooks or child._forward_pre_hooks:
-        raise ValueError(f"module: {where} ({kind}) has forward hooks, which batched() cannot run per sample")
-    names = [n for n, p in child._parameters.items() if p is not None]
-    if "weight" not in names:
-        hint = ("it was converted in place by HyperLight's hypernetize(): build batched() from the model as it was "
-                "before (a copy.deepcopy made before hypernetize), with shared= the names still in "
-                "model.named_parameters()" if hasattr(child, "_external_parameters") else
-                "is its weight a buffer or a plain attribute? was the module already converted in place by "
-                "another library?")
-        raise ValueError(f"module: {where} ({kind}) has no parameter 'weight': {hint}")
-    extra = [n for n in names if n not in ("weight", "bias")]
-    if extra:
-        raise ValueError(
-            f"module: {where} ({kind}) has parameters {extra} besides weight and bias (old-style weight_norm?); "
-            "batched() needs a plain layer"
-        )
-    weight = child.weight
-    if conv_dims:
-        problems = []
-        if any(k != 1 for k in child.kernel_size):
-            problems.append(f"kernel_size={tuple(child.kernel_size)}")
-        if any(s != 1 for s in child.stride):
-            problems.append(f"stride={tuple(child.stride)}")
-        if not (child.padding in ("valid", "same") or all(p == 0 for p in child.padding)):
-            problems.append(f"padding={child.padding}")
-        if child.groups != 1:
-            problems.append(f"groups={child.groups}")
-        if problems:
-            raise ValueError(
-                f"module: {where} ({kind}) has {', '.join(problems)}: batched() runs convolutions with kernel size 1, "
-                f"stride 1, no padding and groups 1 only. Supported: {SUPPORTED}"
-            )
-    has_bias = "bias" in names
-    return _Layer(index, kind, conv_dims, f"{prefix}weight", f"{prefix}bias" if has_bias else None,
-                  int(weight.shape[0]), int(weight.shape[1]))
-
-
-def _read_activation(index: str, child: nn.Module) -> Optional[tuple[str, float]]:
-    """(table name, w0) of an activation module, None if it is not one."""
-    for t, name in _ACTIVATION_TYPES.items():
-        if type(child) is t or (isinstance(child, t) and type(child).forward is t.forward):
-            if isinstance(child, nn.GELU) and child.approximate != "none":
-                raise ValueError(
-                    f"module: layer {index} (GELU) has approximate={child.approximate!r}; the fused kernels compute "
-                    "the exact erf form only: use nn.GELU() (approximate='none')"
-                )
-            return name, (child.w0 if isinstance(child, Sine) else DEFAULT_SINE_W0)
-    return None
-
-
-def _unsupported(index: str, child: nn.Module) -> ValueError:
-    return ValueError(f"module: layer {index} ({type(child).__name__}) is not supported by batched(). "
-                      f"Supported: {SUPPORTED}")
 
 
 class BatchedSequential(nn.Module):
@@ -202,144 +51,94 @@ class BatchedSequential(nn.Module):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
-        if isinstance(shared, str):
-            shared = (shared,)
-        shared = tuple(shared)
+        shared = (shared,) if isinstance(shared, str) else tuple(shared)
         if not isinstance(backend, str) or backend not in BACKEND_NAMES:
             raise ValueError(f"backend: expected one of {list(BACKEND_NAMES)}, got {backend!r}")
         self.backend = backend
         self.module_type = type(module).__name__
+        check_module(module, list(walk(module)) if plain_sequential(module) else None)
 
-        # 1. The leaves, in order.
-        if isinstance(module, nn.Sequential):
-            _check_forward_not_overridden(module, nn.Sequential, "the module")
-            leaves = list(_walk(module))
-        elif isinstance(module, (nn.Linear, *_CONV_TYPES)):
-            leaves = [("0", "", module)]
-        else:
-            hint = (" (a hypnettorch main network: batched() the equivalent nn.Sequential, whose parameters "
-                    "follow its param_shapes)" if hasattr(module, "param_shapes") else "")
-            raise ValueError(f"module: expected an nn.Linear, a 1x1 nn.ConvNd or an nn.Sequential, got "
-                             f"{type(module).__name__}{hint}. Supported: {SUPPORTED}")
-        seen = {}
-        for index, _, child in leaves:
-            if id(child) in seen and any(True for _ in child.parameters()):
-                raise ValueError(f"module: layer {index} is the same module object as layer {seen[id(child)]} "
-                                 "(tied weights), which batched() does not support")
-            seen[id(child)] = index
-        all_params = OrderedDict(module.named_parameters(remove_duplicate=False))
-        if len(all_params) != len(OrderedDict(module.named_parameters())):
-            raise ValueError("module: some parameters are tied (one tensor under several names), which batched() "
-                             "does not support")
+        template, canonical, buffer_names, params, buffers = private_copy(module)
+        self._type_names = {n: type(m).__name__ for n, m in template.named_modules()}  # before the kernel swap
+        if not params:
+            hint = (" (a hypnettorch main network built with no_weights=True: batched() the equivalent "
+                    "nn.Sequential, whose parameters follow its param_shapes)" if hasattr(module, "param_shapes")
+                    else ": was it already converted in place by another library?")
+            raise ValueError(f"module: {type(module).__name__} has no parameters{hint}; batched() needs at least one "
+                             "parameter generated per sample")
 
-        # 2. Layers with their fused activations, and the activations left standing alone.
-        steps: list = []
-        for index, prefix, child in leaves:
-            if isinstance(child, (nn.Linear, *_CONV_TYPES)):
-                steps.append(_read_layer(index, prefix, child))
-                continue
-            act = _read_activation(index, child)
-            if act is None:
-                raise _unsupported(index, child)
-            if any(True for _ in child.parameters()):
-                raise _unsupported(index, child)
-            if act[0] == "none":
-                continue
-            last = steps[-1] if steps else None
-            if isinstance(last, _Layer) and last.activation == "none":
-                last.activation, last.w0 = act
-            else:
-                steps.append(_Activation(index, *act))
-        layers = [s for s in steps if isinstance(s, _Layer)]
-        for prev, layer in zip(layers, layers[1:]):
-            if bool(prev.conv_dims) == bool(layer.conv_dims) and layer.in_features != prev.out_features:
-                raise ValueError(f"module: {layer.describe()} takes {layer.in_features} inputs but {prev.describe()} "
-                                 f"gives {prev.out_features}")
-        if not layers:
-            raise ValueError(f"module: {type(module).__name__} has no nn.Linear or 1x1 conv layer, so nothing to run "
-                             f"per sample. Supported: {SUPPORTED}")
-
-        # 3. Shared parameters: trainable parameters of this module, initialised from the template's values.
-        names = list(all_params)
-        unknown = [n for n in shared if n not in all_params]
+        # Shared parameters: trainable parameters of this module, initialised from the template's values. Any name
+        # of a tied tensor names it.
+        aliases = {n: canonical[id(p)] for n, p in template.named_parameters(remove_duplicate=False)}
+        unknown = [n for n in shared if n not in aliases]
         if unknown:
-            raise ValueError(f"shared: {unknown} are not parameters of the module; its parameters are {names}")
+            raise ValueError(f"shared: {unknown} are not parameters of the module; its parameters are {list(params)}")
         if len(set(shared)) != len(shared):
             raise ValueError(f"shared: names repeat in {list(shared)}")
-        self.shared_names = tuple(n for n in names if n in shared)  # in module order
+        shared_set = {aliases[n] for n in shared}
+        self.shared_names = tuple(n for n in params if n in shared_set)  # in module order
         self.shared = nn.ParameterDict(OrderedDict(  # an OrderedDict: a plain dict's keys would be sorted
-            (self._key(n), nn.Parameter(all_params[n].detach().clone())) for n in self.shared_names))
-        for layer in layers:
-            layer.shared = frozenset(n for n in layer.names if n in shared)
+            (self._key(n), nn.Parameter(params[n].detach().clone())) for n in self.shared_names))
+        self.template_buffers = nn.Module()  # the module's buffers, by their names in it (see buffer_names)
+        self.buffer_names = tuple(buffers)
+        self._names_by_key = {self._key(n): n for n in (*buffers, *params)}  # for messages
+        persistent = {n for n, _ in module.state_dict(keep_vars=True).items()}
+        for name, b in buffers.items():
+            if hasattr(self.template_buffers, self._key(name)):
+                raise ValueError(f"module: buffer names {name!r} and another one both map to {self._key(name)!r}")
+            self.template_buffers.register_buffer(self._key(name), b.detach().clone(), persistent=name in persistent)
 
-        # 4. The per-sample layout: the module's parameters minus the shared ones, in module order.
-        per_sample = OrderedDict((n, tuple(p.shape)) for n, p in all_params.items() if n not in shared)
+        # The per-sample layout: the module's parameters minus the shared ones, in module order.
+        per_sample = OrderedDict((n, tuple(p.shape)) for n, p in params.items() if n not in shared_set)
         if not per_sample:
-            why = ("every parameter is in shared=" if shared else
-                   "it has no parameters: was it already converted in place by another library?")
-            raise ValueError(f"module: no per-sample parameters left ({why}); batched() needs at least one parameter "
-                             "generated per sample")
+            raise ValueError("module: no per-sample parameters left (every parameter is in shared=); batched() needs "
+                             "at least one parameter generated per sample")
         self.layout = ParamLayout(per_sample)
+        self._init_stats = _default_init(module, params)
 
-        # 5. Segments: maximal runs of per-sample nn.Linear layers that the fused MLP can run.
-        self._steps: list = []
-        run: list = []
+        # The plan.
+        if plain_sequential(template):
+            steps = compile_steps(list(walk(template)), canonical, buffer_names)
+        else:
+            layer = kernel_layer("0", template, canonical)
+            steps = [layer] if layer is not None else [whole_module_step(template, canonical, buffer_names)]
+        swap_kernel_layers(template)
+        self.__dict__["_template"] = template  # not a submodule: its placeholders are no state of this module
         for step in steps:
-            if isinstance(step, _Layer) and not step.conv_dims and not step.shared:
-                if run and self._extends(run, step):
-                    run.append(step)
-                    continue
-                self._flush(run)
-                run = [step]
-                continue
-            self._flush(run)
-            run = []
-            self._steps.append(step)
-        self._flush(run)
-        self._layers = layers
-        self._first = layers[0]
+            if isinstance(step, Layer):
+                step.shared = frozenset(n for n in step.names if n in shared_set)
+            elif isinstance(step, PerSample):
+                step.kernel_layers, step.kernel_kinds = kernel_layer_names(step.module), kernel_kinds(step.module)
+        _check_layer_sizes(steps)
+        # A Sequential with layers that run per sample through vmap also runs as a whole under one vmap, where its
+        # linear layers would only run PyTorch's composition: there, kernel layers between per-sample layers
+        # would cost every per-sample stretch a vmap call of its own and gain nothing over vmap's rule for
+        # F.linear (measured on CPU: slower forward, the same forward+backward, against one vmap fed by the same
+        # split of the flat params). Where linear layers have kernels, the steps run one by one.
+        self._whole = (whole_module_step(template, canonical, buffer_names)
+                       if len(steps) > 1 and any(isinstance(s, PerSample) for s in steps) else None)
+        if self._whole is not None:
+            self._whole.kernel_layers, self._whole.kernel_kinds = kernel_layer_names(template), kernel_kinds(template)
+        self._steps = fuse_runs(steps, self.layout)
+        self._chunks = chunks(self._steps, self.layout)
+        self._several_inputs = len(self._steps) == 1 and isinstance(self._steps[0], PerSample)
+        self._norms = [(n, m) for n, m in template.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        run_names = {n for s in self._steps if isinstance(s, FusedRun) for n in s.names}
+        # names inside a fused run that another step reads too (tied weights): handed out as views as well
+        self._tied_in_runs = run_names & {c for s in self._steps if not isinstance(s, FusedRun)
+                                          for c in _reads(s)}
 
-    # -- construction helpers ---------------------------------------------------------------------
+    # -- description --------------------------------------------------------------------------------
     @staticmethod
     def _key(name: str) -> str:
-        return name.replace(".", "_")  # ParameterDict keys cannot hold dots
+        return name.replace(".", "_")  # ParameterDict keys and buffer names cannot hold dots
 
-    @staticmethod
-    def _extends(run: list, layer: _Layer) -> bool:
-        """Whether ``layer`` can join ``run``: the run's activations so far all become hidden activations, which
-        the fused op needs to be one and the same; the newcomer's becomes the output activation (one w0 for both)."""
-        hidden = (run[0].activation, run[0].w0)
-        if not all(_same_act((l.activation, l.w0), hidden) for l in run):
-            return False
-        if layer.in_features != run[-1].out_features:
-            return False
-        if layer.activation == "sine" and hidden[0] == "sine" and layer.w0 != hidden[1]:
-            return False
-        return True
-
-    def _flush(self, run: list) -> None:
-        if not run:
-            return
-        names = [n for layer in run for n in layer.names]
-        start = self.layout.offset(names[0])
-        offsets = [self.layout.offset(n) - start for n in names]
-        numels = [math.prod(self.layout.shapes[n]) for n in names]
-        assert all(o == sum(numels[:i]) for i, o in enumerate(offsets)), "segment parameters are not contiguous"
-        sizes = [run[0].in_features] + [layer.out_features for layer in run]
-        w_off = tuple(self.layout.offset(layer.weight) - start for layer in run)
-        b_off = tuple(self.layout.offset(layer.bias) - start if layer.bias else -1 for layer in run)
-        length = sum(numels)
-        hidden = run[0].activation if len(run) > 1 else "none"
-        out = run[-1]
-        w0 = out.w0 if out.activation == "sine" else run[0].w0
-        self._steps.append(_Segment(run, start, length, MLPSpec(tuple(sizes), w_off, b_off, length), hidden,
-                                    out.activation, w0, names))
-
-    # -- description ------------------------------------------------------------------------------
     @property
     def layout_in_features(self) -> int:
-        """The first layer's in_features (in_channels for a 1x1 conv)."""
-        return self._first.in_features
+        """in_features (in_channels) of the first kernel layer, 1 if there is none: with ``x.shape``, the number
+        of points each sample's weights see (``HyperNetwork`` chooses its head's path by it)."""
+        layer = self._first_kernel_layer(anywhere=True)
+        return layer.in_features if layer is not None else 1
 
     @property
     def num_params(self) -> int:
@@ -351,33 +150,25 @@ class BatchedSequential(nn.Module):
         return OrderedDict((n, self.shared[self._key(n)]) for n in self.shared_names)
 
     def default_init_variance(self) -> "OrderedDict[str, float]":
-        """For every per-sample parameter, the variance of PyTorch's default initialisation of its layer:
-        ``nn.Linear`` and ``nn.ConvNd`` draw weight and bias from ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
-        (``kaiming_uniform_(a=sqrt(5))`` for the weight), variance ``1 / (3 fan_in)``, with
-        ``fan_in = in_features`` (for a 1x1 conv, ``in_channels * 1``)."""
-        out = OrderedDict()
-        for layer in self._layers:
-            for name in layer.names:
-                if name in self.layout:
-                    out[name] = 1.0 / (3.0 * layer.in_features)
-        return out
+        """For every per-sample parameter, the variance of its layer's default initialisation: ``nn.Linear`` and
+        ``nn.ConvNd`` draw weight and bias from ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, variance ``1 / (3 fan_in)``
+        (``fan_in = in_features``, or ``in_channels / groups * prod(kernel_size)``); the RNN cells likewise with
+        ``fan_in = hidden_size``; any other parameter (a norm's weight, PReLU's slope...) the variance of the
+        template's own values. :meth:`default_init_mean` gives the means (0 for the layers named above)."""
+        return OrderedDict((n, self._init_stats[n][1]) for n in self.layout.names)
+
+    def default_init_mean(self) -> "OrderedDict[str, float]":
+        """For every per-sample parameter, the mean of its default initialisation (see
+        :meth:`default_init_variance`): 0 for linear layers, convs and RNN cells, e.g. 1 for a norm's weight."""
+        return OrderedDict((n, self._init_stats[n][0]) for n in self.layout.names)
 
     def plan(self) -> list[str]:
         """How forward runs, one line per step (for reading; the exact wording may change)."""
-        lines = []
-        for step in self._steps:
-            if isinstance(step, _Segment):
-                idx = ", ".join(l.index for l in step.layers)
-                lines.append(f"per-sample linear layers [{idx}] {step.spec.sizes}: fused batched_mlp where the backend "
-                             f"has it (activation={step.activation!r}, output_activation={step.output_activation!r}), "
-                             f"params[:, {step.start}:{step.start + step.length}]")
-            elif isinstance(step, _Layer):
-                op = "batched_conv1x1" if step.conv_dims else "batched_linear"
-                extra = f", shared {sorted(step.shared)}" if step.shared else ""
-                lines.append(f"{step.describe()}: {op} {step.in_features}->{step.out_features}, "
-                             f"activation={step.activation!r}{extra}")
-            else:
-                lines.append(f"layer {step.index}: activation {step.activation!r}")
+        lines = [_describe(step, self) for step in self._steps]
+        if self._whole is not None:
+            lines = ["where the backend has kernels for linear layers (not PyTorch's composition):"] + \
+                    [f"  {line}" for line in lines] + \
+                    ["elsewhere (PyTorch's composition, e.g. on CPU): " + _describe(self._whole, self)]
         return lines
 
     def extra_repr(self) -> str:
@@ -385,239 +176,268 @@ class BatchedSequential(nn.Module):
                  f"backend={self.backend!r}"]
         return "\n".join(lines + [f"  {line}" for line in self.plan()])
 
+    def train(self, mode: bool = True) -> "BatchedSequential":
+        super().train(mode)
+        self._template.train(mode)  # Dropout and the norms read their own flag
+        return self
+
     # -- forward ----------------------------------------------------------------------------------
-    def _check_params(self, params: Params, x: Tensor) -> tuple[Optional[Tensor], Mapping[str, Tensor], int]:
-        """(flat or None, name -> (B, *shape) tensors, B), or a clear error."""
-        P = self.layout.numel
-        shared_note = (f" (the module's parameters minus the shared {list(self.shared_names)})"
-                       if self.shared_names else "")
-        if isinstance(params, Tensor):
-            _validate.check_tensor("params", params, f"(B, {P})")
-            if params.dim() != 2 or params.shape[1] != P:
-                hint = ""
-                if params.dim() == 1 and params.shape[0] == P:
-                    hint = "; for one weight set used by every sample, pass params.expand(B, -1) (no copy)"
-                elif params.dim() == 2 and params.shape[1] > P:
-                    hint = (f"; if the extra {params.shape[1] - P} entries are padding (hyper-nn pads its output to "
-                            f"a whole number of chunks), pass params[:, :{P}]")
-                elif params.dim() > 2:
-                    hint = "; flatten it to (B, P), or pass a dict like module.state_dict() with a leading batch dim"
-                raise ValueError(f"params: expected flat per-sample parameters of shape (B, {P}){shared_note}, "
-                                 f"got shape {tuple(params.shape)}{hint}")
-            views = self.layout.unflatten(params)
-            return params, views, params.shape[0]
-        if isinstance(params, tuple) and len(params) == 2 and all(isinstance(p, Mapping) for p in params):
-            raise TypeError("params: got a tuple of two dicts; torch.func.stack_module_state returns "
-                            "(params, buffers): pass its first element")
-        if isinstance(params, (list, tuple)):
-            raise TypeError(f"params: expected a flat (B, {P}) tensor or a dict name -> (B, *shape) tensor, got a "
-                            f"{type(params).__name__} (hypnettorch: use ret_format='flattened')")
-        if not isinstance(params, Mapping):
-            raise TypeError(f"params: expected a flat (B, {P}) tensor or a dict name -> (B, *shape) tensor, got "
-                            f"{type(params).__name__}")
-        missing = [n for n in self.layout.names if n not in params]
-        extra = [n for n in params if n not in self.layout]
-        if missing or extra:
-            shared_extra = [n for n in extra if n in self.shared_names]
-            note = (f"; {shared_extra} are shared (held by the module itself): leave them out of params"
-                    if shared_extra else "")
-            raise ValueError(f"params: keys do not match the per-sample parameters: missing {missing}, unexpected "
-                             f"{extra} (expected exactly {self.layout.names}){note}")
-        for name, shape in self.layout.shapes.items():
-            t = params[name]
-            if isinstance(t, Tensor) and tuple(t.shape) == shape and len(shape) >= 1:
-                raise ValueError(f"params[{name!r}]: expected shape (B, {', '.join(map(str, shape))}), got "
-                                 f"{tuple(t.shape)}: the batch dim is missing (HyperLight's HyperNet drops it when B "
-                                 "is 1): add it with .unsqueeze(0)")
-        batch = self.layout.check_dict(params)
-        for name in self.layout.names:
-            _validate.check_tensor(f"params[{name!r}]", params[name], "(B, *shape)")
-        return None, params, batch
+    def _first_kernel_layer(self, anywhere: bool = False) -> Optional[Layer]:
+        for step in self._steps:
+            if isinstance(step, FusedRun):
+                return step.layers[0]
+            if isinstance(step, Layer):
+                return step
+            if not anywhere and not isinstance(step, (Activation, Elementwise)):
+                return None
+        return None
 
-    def _check_x(self, x: Tensor, batch: int, params_dtype: torch.dtype, params_device: torch.device,
-                 what: str) -> None:
-        first = self._first
-        if first.conv_dims:
-            d = first.conv_dims
-            hint = f"(B, C_in, {', '.join('LHW'[-d:] if d < 3 else 'DHW')}) or (B, N, C_in, ...)"
-            _validate.check_tensor("x", x, hint)
-            if x.dim() not in (d + 2, d + 3):
-                raise ValueError(f"x: expected shape {hint} for {first.describe()}, got {x.dim()}-D shape "
-                                 f"{tuple(x.shape)}")
-            channels = x.shape[1] if x.dim() == d + 2 else x.shape[2]
-            if channels != first.in_features:
-                raise ValueError(f"x: expected {first.in_features} channels (in_channels of {first.describe()}), got "
-                                 f"{channels} in shape {tuple(x.shape)}")
-        else:
-            hint = f"(B, {first.in_features}) or (B, N, {first.in_features})"
-            _validate.check_tensor("x", x, hint)
-            if x.dim() < 2:
-                raise ValueError(f"x: expected shape {hint}, got {x.dim()}-D shape {tuple(x.shape)}")
-            if x.shape[-1] != first.in_features:
-                raise ValueError(f"x: expected in_features (last dim) {first.in_features} ({first.describe()}), "
-                                 f"got {x.shape[-1]} in shape {tuple(x.shape)}")
-        if x.shape[0] != batch:
-            raise ValueError(f"x: expected batch size (dim 0) {batch} (the batch of {what}), got {x.shape[0]}")
-        if x.dtype != params_dtype:
-            raise TypeError(f"x: expected dtype {params_dtype} (the dtype of {what}), got {x.dtype}")
-        if x.device != params_device:
-            raise ValueError(f"x: expected device {params_device} (the device of {what}), got {x.device}")
-        for name in self.shared_names:
-            p = self.shared[self._key(name)]
-            if p.dtype != x.dtype:
-                raise TypeError(f"shared parameter {name!r} is {p.dtype} but x is {x.dtype}: convert the module "
-                                "with .to(dtype)")
-            if p.device != x.device:
-                raise ValueError(f"shared parameter {name!r} is on {p.device} but x is on {x.device}: move the "
-                                 "module with .to(device)")
+    def _check_x(self, x, batch: int, dtype: torch.dtype, device: torch.device, what: str) -> None:
+        check_inputs(x, batch, dtype, device, what, self._first_kernel_layer(), self._several_inputs)
+        check_state(self._norms, self.shared, self.template_buffers._buffers, dtype, device, self._names_by_key)
 
-    def forward(self, x: Tensor, params: Params) -> Tensor:
+    def forward(self, x: Union[Tensor, tuple], params: Params) -> Tensor:
         """Run every sample's copy of the module on its input.
 
         Args:
-            x: what the module takes, with a leading batch dim: ``(B, in)`` or ``(B, *, in)`` for a leading
-                ``nn.Linear``; ``(B, C_in, *spatial)`` (or ``(B, N, C_in, *spatial)``) for a leading 1x1 conv.
-                ``x.expand(B, ...)`` of one input shared by every sample is read in place.
-            params: the per-sample parameters: a flat ``(B, P)`` tensor laid out like ``self.layout`` (read
-                in place), or a dict keyed like ``module.state_dict()`` (per-sample names only) of
-                ``(B, *shape)`` tensors, e.g. the first element of ``torch.func.stack_module_state(models)``.
+            x: what the module takes, with a leading batch dim (``x.expand(B, ...)`` of one input shared by every
+                sample is read in place). A module with its own forward taking several inputs gets a tuple of them
+                (each with a leading batch dim; ``None`` passes through), e.g. ``(x_t, h)`` for an ``nn.GRUCell``.
+            params: the per-sample parameters: a flat ``(B, P)`` tensor laid out like ``self.layout`` (read in
+                place), or a dict keyed like ``module.state_dict()`` (per-sample names only) of ``(B, *shape)``
+                tensors, e.g. the first element of ``torch.func.stack_module_state(models)``.
 
         Returns:
-            what ``vmap(functional_call(module, ...))`` returns on the same parameters.
+            what ``vmap(functional_call(module, ...), randomness="different")`` returns on the same parameters.
         """
-        flat, views, batch = self._check_params(params, x)
-        if flat is not None:
-            self._check_x(x, batch, flat.dtype, flat.device, "params")
-        else:
-            name = self.layout.names[0]
-            first = views[name]
-            for other in self.layout.names[1:]:
-                _validate.check_same_dtype_device([(f"params[{name!r}]", first), (f"params[{other!r}]", views[other])])
-            self._check_x(x, batch, first.dtype, first.device, f"params[{name!r}]")
+        flat, given, batch = check_params(params, self.layout, self.shared_names)
+        first = flat if flat is not None else given[self.layout.names[0]]
+        what = "params" if flat is not None else f"params[{self.layout.names[0]!r}]"
+        self._check_x(x, batch, first.dtype, first.device, what)
+        composition = linear_is_composition(self.backend, first)
+        if self._whole is not None and composition:
+            tensors = given if flat is None else self._views(flat, self.layout.names)
+            return self._run_per_sample(self._whole, x, tensors, composition)
+        tensors, pieces = self._hand_out(flat, given, batch)
         h = x
-        for step in self._steps:
-            if isinstance(step, _Segment):
-                h = self._run_segment(step, h, flat, views, batch)
-            elif isinstance(step, _Layer):
-                h = self._run_layer(step, h, views, batch)
-            else:
-                h = get_activation(step.activation).forward(h, step.w0)
+        for i, step in enumerate(self._steps):
+            h = self._run_step(i, step, h, tensors, pieces, composition)
         return h
+
+    def _hand_out(self, flat: Optional[Tensor], given: Optional[Mapping[str, Tensor]], batch: int):
+        """(name -> (B, *shape) tensor, step index -> (B, length) range of a fused run)."""
+        if flat is None:
+            return given, {}
+        parts = [flat] if len(self._chunks) == 1 else flat.split([c.length for c in self._chunks], dim=1)
+        tensors, pieces = {}, {}
+        for chunk, part in zip(self._chunks, parts):
+            if chunk.run is not None:
+                pieces[chunk.run] = part
+                if self._tied_in_runs.intersection(self._steps[chunk.run].names):
+                    tensors.update(self._views(part, self._steps[chunk.run].names))
+            else:
+                tensors.update(self._views(part, chunk.names))
+        return tensors, pieces
+
+    def _views(self, part: Tensor, names: list) -> dict:
+        shapes = self.layout.shapes
+        sizes = [math.prod(shapes[n]) for n in names]
+        splits = [part] if len(names) == 1 else part.split(sizes, dim=1)
+        return {n: s.view(part.shape[0], *shapes[n]) for n, s in zip(names, splits)}
+
+    def _param(self, name: str, tensors: Mapping[str, Tensor], batch: int) -> Tensor:
+        if name in self.shared_names:
+            p = self.shared[self._key(name)]
+            return p.unsqueeze(0).expand(batch, *p.shape)  # batch stride 0: one copy for every sample
+        return tensors[name]
+
+    def _run_layer(self, layer: Layer, h: Tensor, tensors: Mapping[str, Tensor]) -> Tensor:
+        batch = h.shape[0]
+        weight = self._param(layer.weight, tensors, batch)
+        bias = self._param(layer.bias, tensors, batch) if layer.bias else None
+        return run_kernel_layer(h, weight, bias, layer.conv_dims, layer.activation, layer.w0, self.backend)
+
+    def _run_step(self, i: int, step, h, tensors: Mapping[str, Tensor], pieces: Mapping[int, Tensor],
+                  composition: bool):
+        if isinstance(step, Layer):
+            return self._run_layer(step, h, tensors)
+        if isinstance(step, FusedRun):
+            if fused_mlp_worth_it(self.backend, h, step.spec.sizes):
+                piece = pieces.get(i)
+                if piece is None:  # dict params: the run's pieces in one (B, length) tensor, one copy
+                    piece = torch.cat([tensors[n].reshape(h.shape[0], -1) for n in step.names], dim=1)
+                return run_fused_mlp(h, piece, step.spec, step.activation, step.output_activation, step.w0,
+                                     self.backend)
+            views = tensors if all(n in tensors for n in step.names) else self._views(pieces[i], step.names)
+            for layer in step.layers:
+                h = self._run_layer(layer, h, views)
+            return h
+        if isinstance(step, Activation):
+            return get_activation(step.activation).forward(h, step.w0)
+        if isinstance(step, Elementwise):
+            return step.module(h)
+        return self._run_per_sample(step, h, tensors, composition)
+
+    def _run_per_sample(self, step: PerSample, h, tensors: Mapping[str, Tensor], composition: bool):
+        per_sample, unbatched = {}, {}
+        for name, c in step.params:
+            if c in self.shared_names:
+                unbatched[name] = self.shared[self._key(c)]
+            else:
+                per_sample[name] = tensors[c]
+        for name, c in step.buffers:
+            unbatched[name] = self.template_buffers._buffers[self._key(c)]
+        inputs = h if isinstance(h, tuple) else (h,)
+        kinds = escaping_kinds(step.kernel_kinds, composition) if per_sample else frozenset()
+        try:
+            return run_per_sample(step.module, per_sample, unbatched, inputs, self.backend, kinds)
+        except Exception as exc:
+            if hasattr(exc, "add_note"):
+                where = self._failing_layer(exc) or step.describe()
+                exc.add_note(f"(in batched(): while running {where} per sample through torch.func.vmap)")
+            raise
+
+    def _failing_layer(self, exc: BaseException) -> Optional[str]:
+        """The innermost layer of the module whose forward is in the traceback, e.g. "layer 3 (GroupNorm)"."""
+        names = {id(m): (n, self._type_names.get(n, type(m).__name__)) for n, m in self._template.named_modules()}
+        found = None
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            owner = frame.f_locals.get("self")
+            if id(owner) in names and names[id(owner)][0]:
+                found = names[id(owner)]
+        return None if found is None else f"layer {found[0]} ({found[1]})"
 
     def forward_from_head(self, x: Tensor, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor],
                           backend: str) -> Tensor:
-        """``forward(x, F.linear(h, head_weight, head_bias))`` without materialising the per-sample parameters:
-        each layer runs through :func:`hyperkernels.hyper_linear` on its rows of the head (``backend`` is the
-        hyper_linear backend). A layer with a shared parameter generates just its own per-sample rows."""
+        """``forward(x, F.linear(h, head_weight, head_bias))`` without materialising the per-sample weights of the
+        kernel layers: each runs through :func:`hyperkernels.hyper_linear` on its rows of the head (``backend`` is
+        the hyper_linear backend). A layer with a shared parameter, and every step that runs per sample through
+        vmap, generates just its own per-sample parameters."""
         batch = h.shape[0]
         self._check_x(x, batch, head_weight.dtype, head_weight.device, "the hypernetwork's parameters")
-        layers = [l for step in self._steps for l in (step.layers if isinstance(step, _Segment) else [step])]
-        for step in layers:
-            if isinstance(step, _Activation):
-                x = get_activation(step.activation).forward(x, step.w0)
-            elif step.shared or (step.conv_dims and x.dim() != step.conv_dims + 2):
-                views = {name: self._generate_rows(name, h, head_weight, head_bias) for name in step.names
-                         if name not in step.shared}
-                x = self._run_layer(step, x, views, batch)
-            else:
+        steps = [l for s in self._steps for l in (s.layers if isinstance(s, FusedRun) else [s])]
+        composition = linear_is_composition(self.backend, h)
+        for step in steps:
+            if isinstance(step, Layer) and not step.shared and not (step.conv_dims and x.dim() != step.conv_dims + 2):
                 x = self._hyper_layer(step, x, h, head_weight, head_bias, backend)
+            elif isinstance(step, (Layer, PerSample)):
+                names = [c for c in _reads(step) if c in self.layout]
+                x = self._run_step(-1, step, x, self._generate(names, h, head_weight, head_bias), {}, composition)
+            else:
+                x = self._run_step(-1, step, x, {}, {}, composition)
         return x
 
-    def _rows(self, name: str) -> slice:
-        start = self.layout.offset(name)
-        return slice(start, start + math.prod(self.layout.shapes[name]))
+    def _generate(self, names: list, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor]) -> dict:
+        """The per-sample parameters ``names`` from the head: one GEMM over the rows that span them."""
+        if not names:
+            return {}
+        start = min(self.layout.offset(n) for n in names)
+        stop = max(self.layout.offset(n) + math.prod(self.layout.shapes[n]) for n in names)
+        rows = F.linear(h, head_weight[start:stop], None if head_bias is None else head_bias[start:stop])
+        return {n: rows.narrow(1, self.layout.offset(n) - start, math.prod(self.layout.shapes[n]))
+                .view(h.shape[0], *self.layout.shapes[n]) for n in names}
 
-    def _generate_rows(self, name: str, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor]) -> Tensor:
-        rows = self._rows(name)
-        piece = torch.nn.functional.linear(h, head_weight[rows], None if head_bias is None else head_bias[rows])
-        return piece.view(h.shape[0], *self.layout.shapes[name])
-
-    def _hyper_layer(self, layer: _Layer, x: Tensor, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor],
+    def _hyper_layer(self, layer: Layer, x: Tensor, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor],
                      backend: str) -> Tensor:
         # A layer's weight and bias are adjacent in the layout (named_parameters order): one slice of head rows.
-        rows = slice(self._rows(layer.weight).start, self._rows(layer.bias or layer.weight).stop)
+        start = self.layout.offset(layer.weight)
+        end = self.layout.offset(layer.bias or layer.weight) + math.prod(self.layout.shapes[layer.bias or layer.weight])
         kw = dict(out_features=layer.out_features, bias=layer.bias is not None, activation=layer.activation,
                   w0=layer.w0, backend=backend)
-        hb = None if head_bias is None else head_bias[rows]
+        hb = None if head_bias is None else head_bias[start:end]
         if layer.conv_dims:  # (B, C, *spatial) -> points-major (B, S, C), a view; and back
-            y = hyper_linear(x.flatten(2).transpose(1, 2), h, head_weight[rows], hb, **kw)
+            y = hyper_linear(x.flatten(2).transpose(1, 2), h, head_weight[start:end], hb, **kw)
             return y.transpose(1, 2).unflatten(2, x.shape[2:])
         x3 = x if x.dim() in (2, 3) else x.reshape(x.shape[0], -1, x.shape[-1])
-        y = hyper_linear(x3, h, head_weight[rows], hb, **kw)
+        y = hyper_linear(x3, h, head_weight[start:end], hb, **kw)
         return y if x.dim() in (2, 3) else y.reshape(*x.shape[:-1], layer.out_features)
 
-    def _weight_bias(self, layer: _Layer, views: Mapping[str, Tensor], batch: int) -> tuple[Tensor, Optional[Tensor]]:
-        def get(name):
-            if name in layer.shared:
-                p = self.shared[self._key(name)]
-                return p.unsqueeze(0).expand(batch, *p.shape)  # batch stride 0: one copy for every sample
-            return views[name]
-        weight = get(layer.weight)
-        weight = weight.reshape(batch, layer.out_features, layer.in_features)  # (B, out, in[, 1...]): a view
-        return weight, (get(layer.bias) if layer.bias else None)
 
-    def _run_layer(self, layer: _Layer, h: Tensor, views: Mapping[str, Tensor], batch: int) -> Tensor:
-        weight, bias = self._weight_bias(layer, views, batch)
-        kw = dict(activation=layer.activation, w0=layer.w0, backend=self.backend)
-        if layer.conv_dims:
-            d = layer.conv_dims
-            if h.dim() == d + 2:  # each sample's input is (C, *spatial)
-                return batched_conv1x1(h, weight, bias, **kw)
-            # each sample's input is a batch (N, C, *spatial): channels first, N becomes one more spatial dim
-            if h.dim() != d + 3:
-                raise ValueError(f"{layer.describe()}: expected its input to be (B, C, *spatial) or "
-                                 f"(B, N, C, *spatial) "
-                                 f"with {d} spatial dims, got shape {tuple(h.shape)}")
-            n, spatial = h.shape[1], h.shape[3:]
-            y = batched_conv1x1(h.movedim(1, 2).flatten(2), weight, bias, **kw)
-            return y.unflatten(2, (n, *spatial)).movedim(2, 1)
-        if h.dim() == 2 or h.dim() == 3:
-            return batched_linear(h, weight, bias, **kw)
-        y = batched_linear(h.reshape(batch, -1, h.shape[-1]), weight, bias, **kw)
-        return y.reshape(*h.shape[:-1], layer.out_features)
+def _reads(step) -> list:
+    """The canonical names of the parameters a step reads."""
+    if isinstance(step, (Layer, FusedRun)):
+        return list(step.names)
+    if isinstance(step, PerSample):
+        return [c for _, c in step.params]
+    return []
 
-    def _run_segment(self, seg: _Segment, h: Tensor, flat: Optional[Tensor], views: Mapping[str, Tensor],
-                     batch: int) -> Tensor:
-        first, last = seg.layers[0], seg.layers[-1]
-        n = math.prod(h.shape[1:-1]) if h.dim() > 2 else 1
-        dims = dict(device=h.device, dtype=h.dtype, batch=batch, n=n, k=first.in_features, m=last.out_features)
-        linear_impl = resolve_backend(self.backend, op="batched_linear", **dims)
-        if not implements(linear_impl, "batched_mlp"):
-            for layer in seg.layers:
-                h = self._run_layer(layer, h, views, batch)
-            return h
-        if flat is not None:
-            whole = seg.start == 0 and seg.length == flat.shape[1]
-            seg_flat = flat if whole else flat.narrow(1, seg.start, seg.length)  # a view: no copy
-        else:  # dict params: the segment's pieces in one (B, length) tensor (one copy, like batched_mlp does)
-            seg_flat = torch.cat([views[name].reshape(batch, -1) for name in seg.names], dim=1)
-        x3 = h.reshape(batch, -1, h.shape[-1]) if h.dim() != 3 else h
-        act, out_act = get_activation(seg.activation), get_activation(seg.output_activation)
-        y = run_mlp(x3, seg_flat, seg.spec, act, out_act, seg.w0, self.backend)
-        if h.dim() == 3:
-            return y
-        return y.reshape(*h.shape[:-1], last.out_features)
+
+def _check_layer_sizes(steps: list) -> None:
+    layers = [s for s in steps if isinstance(s, (Layer, PerSample))]
+    for prev, layer in zip(layers, layers[1:]):
+        if (isinstance(prev, Layer) and isinstance(layer, Layer) and bool(prev.conv_dims) == bool(layer.conv_dims)
+                and layer.in_features != prev.out_features):
+            raise ValueError(f"module: {layer.describe()} takes {layer.in_features} inputs but {prev.describe()} "
+                             f"gives {prev.out_features}")
+
+
+def _describe(step, net: BatchedSequential) -> str:
+    if isinstance(step, FusedRun):
+        idx = ", ".join(l.index for l in step.layers)
+        return (f"layers [{idx}] Linear {'->'.join(map(str, step.spec.sizes))}: kernels, one fused batched_mlp where "
+                f"the backend has it (activation={step.activation!r}, output_activation={step.output_activation!r}), "
+                f"params[:, {step.start}:{step.start + step.length}]")
+    if isinstance(step, Layer):
+        op = "batched_conv1x1" if step.conv_dims else "batched_linear"
+        if step.weight in step.shared:
+            op = f"shared weight: one dense {'conv' if step.conv_dims else 'F.linear'} for every sample"
+        extra = f", shared {sorted(step.shared)}" if step.shared else ""
+        return (f"{step.describe()} {step.in_features}->{step.out_features}: kernels, {op}, "
+                f"activation={step.activation!r}{extra}")
+    if isinstance(step, Activation):
+        return f"layer {step.index}: activation {step.activation!r} on the whole batch"
+    if isinstance(step, Elementwise):
+        return f"layer {step.index} ({type(step.module).__name__}): elementwise, on the whole batch"
+    what = step.describe() if step.indices else f"the module ({net.module_type})"
+    kernels = (f"; on the kernels (1x1 convs always, linear maps where the backend is not PyTorch's composition): "
+               f"{', '.join(step.kernel_layers)}" if step.kernel_layers else "; nothing on the kernels")
+    return f"{what}: per sample through torch.func.vmap{kernels}"
+
+
+def _default_init(module: nn.Module, params: Mapping[str, Tensor]) -> dict:
+    """name -> (mean, variance) of each parameter's default initialisation (see default_init_variance)."""
+    name_of = {id(p): n for n, p in params.items()}
+    stats = {}
+    for m in module.modules():
+        for pname, p in m._parameters.items():
+            if p is None or id(p) not in name_of:
+                continue
+            fan_in = None
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and pname in ("weight", "bias"):
+                fan_in = m.weight.shape[1] * math.prod(m.weight.shape[2:])
+            elif isinstance(m, nn.RNNCellBase):
+                fan_in = m.hidden_size
+            if fan_in is not None:
+                stats.setdefault(name_of[id(p)], (0.0, 1.0 / (3.0 * fan_in)))
+            else:
+                v = p.detach().double()
+                stats.setdefault(name_of[id(p)], (float(v.mean()), float(v.var(unbiased=False))))
+    return stats
 
 
 def batched(module: nn.Module, shared: Sequence[str] = (), *, backend: str = "auto") -> BatchedSequential:
     r"""The per-sample version of ``module``: one copy of it per sample, each with its own weights.
 
     Args:
-        module: an ``nn.Linear``, a 1x1 ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (stride 1, no padding,
-            groups 1), or an ``nn.Sequential`` (nested ones too) of these and the activations ``nn.ReLU``,
-            ``nn.GELU()`` (exact form), ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid``, ``nn.Identity`` and
-            :class:`hyperkernels.nn.Sine`. Anything else is a ``ValueError`` naming the layer and its index.
-            ``module`` is only a template: the returned module keeps its structure, not its parameters.
+        module: any ``nn.Module`` that ``torch.func.vmap(functional_call(module, ...))`` runs per sample. Runs of
+            ``nn.Linear`` in an ``nn.Sequential`` run as one fused op, other ``nn.Linear`` layers and 1x1 convs
+            (stride 1, no padding, groups 1) on hyperkernels' ops with their activation fused, parameter-free
+            elementwise layers on the whole batch, and everything else per sample through ``torch.func.vmap``: a
+            module with its own ``forward`` runs it per sample with its ``nn.Linear``, 1x1-conv and RNN-cell
+            submodules on the kernels. ``module`` is only a template: the returned module keeps its structure and
+            buffers, not its parameters. Refused with a ``ValueError`` naming the layer: lazy modules, the grouped-
+            conv "parallel MLP" (describe one sample's network instead), parameters that share memory without
+            being one tensor; at call time, a norm layer in training mode that tracks running statistics.
         shared: names of parameters (as in ``module.state_dict()``) that every sample shares. They become
             trainable parameters of the returned module, initialised from ``module``'s values and handed to
-            every sample as an ``expand`` (never copied ``B`` times); their gradient is the sum over samples.
+            every sample without a copy; their gradient is the sum over samples.
         backend: as in :func:`hyperkernels.batched_linear`.
 
     Returns:
-        a :class:`BatchedSequential` ``m``: ``m(x, params)`` equals
-        ``vmap(lambda p, xb: functional_call(module, p, (xb,)))(params, x)`` on the same parameters.
-        ``m.layout`` is the :class:`~hyperkernels.ParamLayout` of the per-sample parameters: the order and
-        flattening of ``parameters_to_vector`` of the module's non-shared parameters; ``m.num_params`` its size.
+        a :class:`BatchedSequential` ``m``: ``m(x, params)`` equals ``vmap(lambda p, xb: functional_call(module, p,
+        (xb,)), randomness="different")(params, x)`` on the same parameters. ``m.layout`` is the
+        :class:`~hyperkernels.ParamLayout` of the per-sample parameters: the order and flattening of
+        ``parameters_to_vector`` of the module's non-shared parameters; ``m.num_params`` its size.
 
     Example::
 

@@ -1,0 +1,117 @@
+"""The kernel steps of a ``batched()`` plan: one linear layer or 1x1 conv, and a run of linear layers as one fused
+MLP. Every tensor here has the batch of samples as its dim 0 (the physical tensors, never vmap's wrappers)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._dispatch import implements, resolve_backend, runs_as_composition
+from ..activations import get_activation
+from ..functional import batched_conv1x1, batched_linear, run_mlp
+
+__all__ = ["run_kernel_layer", "run_fused_mlp", "fused_mlp_worth_it", "linear_is_composition"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _is_shared(t: Optional[Tensor]) -> bool:
+    return t is None or t.stride(0) == 0
+
+
+def _run_dense(h: Tensor, weight: Tensor, bias: Optional[Tensor], conv_dims: int, channel_dim: int) -> Tensor:
+    """A layer whose weight every sample shares: one dense layer over all samples' points (the batch folds into
+    the points), the per-sample bias (if any) added after. Per-sample kernels on an expand of the weight would
+    make B small products where one large one does, and form B weight gradients to sum them: far slower on
+    CPU, worst at few points per sample."""
+    w = weight[0]
+    b_shared = bias is not None and bias.stride(0) == 0
+    if conv_dims:
+        w = w.reshape(*w.shape[:2], *([1] * conv_dims))
+        lead = h.shape[:channel_dim]
+        z = _CONV[conv_dims](h.reshape(-1, *h.shape[channel_dim:]), w, bias[0] if b_shared else None)
+        z = z.view(*lead, *z.shape[1:])
+    else:
+        z = F.linear(h, w, bias[0] if b_shared else None)
+    if bias is not None and not b_shared:
+        trailing = (h.dim() - channel_dim - 1) if conv_dims else 0
+        lead = (h.dim() - 2 - trailing) if conv_dims else h.dim() - 2
+        z = z + bias.reshape(bias.shape[0], *([1] * lead), bias.shape[1], *([1] * trailing))
+    return z
+
+
+def run_kernel_layer(h: Tensor, weight: Tensor, bias: Optional[Tensor], conv_dims: int, activation: str, w0: float,
+                     backend: str) -> Tensor:
+    """One per-sample ``nn.Linear`` (``conv_dims`` 0) or 1x1 ``nn.ConvNd`` with its activation fused.
+
+    h: ``(B, *, in)`` for a linear layer; ``(B, C, *spatial)`` or ``(B, N, C, *spatial)`` for a conv.
+    weight: ``(B, out, in[, 1, ...])``, bias ``(B, out)`` or None: views of the flat params, or expands (batch
+    stride 0) of shared parameters."""
+    batch = h.shape[0]
+    out_features = weight.shape[1]
+    channel_dim = (2 if h.dim() == conv_dims + 3 else 1) if conv_dims else h.dim() - 1
+    if conv_dims and h.dim() not in (conv_dims + 2, conv_dims + 3):
+        raise ValueError(f"x: a 1x1 conv with {conv_dims} spatial dims takes (C, *spatial) or (N, C, *spatial) per "
+                         f"sample, got per-sample shape {tuple(h.shape[1:])}")
+    if _is_shared(weight):
+        return get_activation(activation).forward(_run_dense(h, weight, bias, conv_dims, channel_dim), w0)
+    weight = weight.reshape(batch, out_features, -1)  # (B, out, in[, 1...]) -> (B, out, in): a view
+    kw = dict(activation=activation, w0=w0, backend=backend)
+    if conv_dims:
+        if channel_dim == 1:  # each sample's input is (C, *spatial)
+            return batched_conv1x1(h, weight, bias, **kw)
+        # each sample's input is a batch (N, C, *spatial): channels first, N becomes one more spatial dim
+        n, spatial = h.shape[1], h.shape[3:]
+        y = batched_conv1x1(h.movedim(1, 2).flatten(2), weight, bias, **kw)
+        return y.unflatten(2, (n, *spatial)).movedim(2, 1)
+    if h.dim() in (2, 3):
+        return batched_linear(h, weight, bias, **kw)
+    y = batched_linear(h.reshape(batch, -1, h.shape[-1]), weight, bias, **kw)
+    return y.view(*h.shape[:-1], out_features)
+
+
+def linear_is_composition(backend: str, like: Tensor) -> bool:
+    """Whether per-sample linear layers on tensors like ``like`` (dim 0 the batch) run as PyTorch's own
+    composition (bmm, bias, activation: the torch backend), which is also what vmap runs for ``F.linear``."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return _linear_is_composition(backend, like.device, like.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _linear_is_composition(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    key = (backend, device, dtype)
+    if key not in _COMPOSITION:  # "auto" decides linear layers by device and dtype only: one lookup per kind
+        impl = resolve_backend(backend, op="batched_linear", device=device, dtype=dtype, batch=1, n=1, k=1, m=1)
+        _COMPOSITION[key] = runs_as_composition(impl, "batched_linear", 1)
+    return _COMPOSITION[key]
+
+
+_COMPOSITION: dict = {}
+
+
+def fused_mlp_worth_it(backend: str, h: Tensor, sizes: tuple) -> bool:
+    """Whether a run of linear layers should be one fused MLP op: the backend has one, and it would not just run
+    the plain composition (the torch backend does at many points per sample, ``_dispatch.runs_as_composition``).
+    Otherwise the layers run one by one, each on its own slice of the flat params (one split, one gradient write,
+    where the composition inside the op would read them through views that each write a zero-filled (B, P)
+    gradient)."""
+    n = math.prod(h.shape[1:-1]) if h.dim() > 2 else 1
+    dims = dict(device=h.device, dtype=h.dtype, batch=h.shape[0], n=n, k=sizes[0], m=sizes[-1])
+    if not implements(resolve_backend(backend, op="batched_linear", **dims), "batched_mlp"):
+        return False
+    impl = resolve_backend(backend, op="batched_mlp", widths=tuple(sizes), **dims)
+    return not runs_as_composition(impl, "batched_mlp", n)
+
+
+def run_fused_mlp(h: Tensor, flat: Tensor, spec, activation: str, output_activation: str, w0: float,
+                  backend: str) -> Tensor:
+    """A run of per-sample ``nn.Linear`` layers as one ``batched_mlp`` op: h ``(B, *, in)``, flat ``(B, spec.numel)``
+    (read in place; its gradient is written once)."""
+    batch = h.shape[0]
+    x3 = h if h.dim() == 3 else h.reshape(batch, -1, h.shape[-1])
+    y = run_mlp(x3, flat, spec, get_activation(activation), get_activation(output_activation), w0, backend)
+    return y if h.dim() == 3 else y.reshape(*h.shape[:-1], spec.sizes[-1])
