@@ -7,6 +7,7 @@ and forward alone (under ``torch.no_grad``), on a grid of out < K, out = K, out 
     python bench/hyper_crossover.py --threads 1 --clock cpu --fit    # and fit the CPU prices of the cost model
     python bench/hyper_crossover.py --device cuda --fit              # GPU: the triton backend (bf16, float32)
     ... --save raw.json / --load raw.json                            # keep the measurements / report them again
+    python bench/hyper_crossover.py --threads 1 --clock cpu --networks    # whole HyperNetwork targets (CPU)
 
 Times: the two ways run interleaved (``timing.time_interleaved``: every round calls each once, in alternating
 order) for ``--rounds`` rounds after a warm-up, so both see the same machine load; each cell is the median of its
@@ -15,6 +16,10 @@ machine shared with other jobs it is what the time slices of other processes (an
 waiting for each other) do not inflate, and what the CPU prices of the cost model are fitted to. Peak memory: the most
 bytes allocated at once during one call above what was allocated before it; on CPU counted from the allocator
 events of ``torch.profiler`` (``profile_memory=True``), on CUDA by ``torch.cuda.max_memory_allocated``.
+
+``--networks`` checks the rule where ``HyperNetwork(fused=None)`` uses it, summed over a whole target's layers:
+for the targets of ``bench/cases_training.py``'s CPU rows (and a few more), ``hnet(cond, x)`` forward+backward
+(the gradients of every parameter) and forward, with the head fused and generated, against the model's sums.
 
 For each row, "auto" is what ``hyperkernels._dispatch.choose_hyper_linear`` picks (the cost model with the
 prices committed there), and the row is within bounds when auto's measured median time is at most 1.1x the
@@ -243,6 +248,59 @@ def report(rows: list, device: torch.device, header: list, fit: bool) -> list:
     return lines
 
 
+# (target sizes, the hypernetwork's hidden widths, B, N): bench/cases_training.py's CPU targets, the same MLP at
+# more samples and at 16 points, and a wide target from a narrow trunk (where the fused head should win).
+NETWORKS = [([2, 100, 5], (100,), 512, 1), ([2, 100, 5], (100,), 4096, 1), ([16, 64, 64, 16], (128, 128), 256, 1),
+            ([16, 64, 64, 16], (128, 128), 1024, 1), ([16, 64, 64, 16], (128, 128), 64, 16),
+            ([2, 64, 64, 64, 3], (128, 128), 16, 256), ([32, 256, 256, 32], (32,), 512, 1)]
+
+
+def networks(device: torch.device, rounds: int, clock) -> list:
+    """Per network and pass: the median ms of ``HyperNetwork`` fused and generating, the model's sums over the
+    target's layers (with and without crediting generate's fused batched_mlp op), and what fused=None takes."""
+    from torch import nn
+
+    lines = ["| target | K | B | N | pass | fused ms | generate ms | model ms f / g | model ms g, per-layer ops | "
+             "fused=None | its time / best |", "|---|---:|---:|---:|---|---|---|---|---:|---|---:|"]
+    for sizes, hidden, b, n in NETWORKS:
+        k = hidden[-1]
+        layers = []
+        for j, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers += [nn.Linear(i, o)] + ([nn.ReLU()] if j < len(sizes) - 2 else [])
+        torch.manual_seed(0)
+        hnet = hk.nn.HyperNetwork(nn.Sequential(*layers), 16, hidden=hidden).to(device)
+        cond = torch.randn(b, 16, device=device)
+        x = torch.rand((b, sizes[0]) if n == 1 else (b, n, sizes[0]), device=device)
+        params = list(hnet.parameters())
+        for grad in (True, False):
+            def way(fused):
+                def run():
+                    hnet.fused = fused
+                    if not grad:
+                        with torch.no_grad():
+                            return hnet(cond, x)
+                    y = hnet(cond, x)
+                    return torch.autograd.grad(y, params, torch.ones_like(y))
+                return run
+            fns = {"fused": way(True), GENERATE: way(False)}
+            timings = time_interleaved(fns, device, budget_s=0, min_rounds=rounds, max_rounds=rounds, clock=clock)
+            med = {w: t.median_ms for w, t in timings.items()}
+            with torch.set_grad_enabled(grad):
+                hnet.fused = None
+                shapes = hnet._hyper_layers(x)
+                picked = "fused" if hnet._fused_backend(x) is not None else GENERATE
+            impl = "triton" if device.type == "cuda" else "torch_bmm"
+            model = _dispatch.hyper_linear_costs(impl, device, shapes)
+            per_layer = _dispatch.hyper_linear_costs(impl, device, [HyperShape(**{**vars(s), "mlp_op": False})
+                                                                    for s in shapes])
+            lines.append(f"| {'-'.join(map(str, sizes))} | {k} | {b} | {n} | {'fwd+bwd' if grad else 'fwd'} | "
+                         f"{med['fused']:.2f} | {med[GENERATE]:.2f} | {model['fused'][0] * 1e3:.1f} / "
+                         f"{model[GENERATE][0] * 1e3:.1f} | {per_layer[GENERATE][0] * 1e3:.1f} | {picked} | "
+                         f"{med[picked] / min(med.values()):.2f} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
 def _command() -> str:
     return "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:])
 
@@ -260,6 +318,8 @@ def main():
                         help="wall: elapsed time; cpu: this process's CPU time (CPU device only), which time slices "
                              "given to other processes do not inflate (with --threads 1, no thread waits for "
                              "another either)")
+    parser.add_argument("--networks", action="store_true",
+                        help="instead of the single-layer grid: whole HyperNetwork targets, fused against generated")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -267,6 +327,21 @@ def main():
         parser.error("--clock cpu measures CPU time: for --device cpu only")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.networks:
+        threads = torch.get_num_threads()
+        where = torch.cuda.get_device_name(device) if cuda else f"CPU, {threads} thread{'s' * (threads != 1)}"
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        what = "CPU time of the process" if args.clock == "cpu" else "wall time"
+        lines = [f"Device: {where}; torch {torch.__version__}; measured "
+                 f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by `{_command()}`; median ms of "
+                 f"{args.rounds} interleaved rounds ({what}); the model's times are the target's layers only (the "
+                 "trunk costs the same both ways).", ""]
+        lines += networks(device, args.rounds, clock)
+        print("\n".join(lines))
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     if args.load:
         with open(args.load) as f:
             saved = json.load(f)

@@ -149,7 +149,11 @@ GENERATE = "generate"
 @dataclass(frozen=True)
 class HyperShape:
     """One generated layer ``y[b] = act(W[b] x[b] + c[b])``, ``[W[b], c[b]] = head(h[b])``, as the cost model
-    sees it. ``grad``: a backward will run (the gradients of h and the head); ``x_grad``: it needs x's too."""
+    sees it. ``grad``: a backward will run (the gradients of h and the head); ``x_grad``: it needs x's too.
+    ``mlp_op``: generate-then-apply runs this layer inside one ``batched_mlp`` op with its neighbours (a
+    ``HyperNetwork`` target's run of ``nn.Linear`` layers where that op runs, ``nn/_kernels.fused_mlp_worth_it``),
+    whose backward writes the layer's weight gradient once, untransposed, into one ``(B, P)`` gradient, where a
+    lone ``batched_linear`` leaves autograd a transposed ``dW`` and a zero-filled ``(B, P)`` buffer per view."""
 
     batch: int
     n: int
@@ -161,6 +165,7 @@ class HyperShape:
     itemsize: int = 4
     grad: bool = True
     x_grad: bool = False
+    mlp_op: bool = False
 
 
 # The terms of a Work that take time, each priced in seconds per unit by a Machine.
@@ -224,7 +229,9 @@ class Machine:
 # bench/results/cpu_hyper_crossover.md. CPU time of one thread because the 2-core machine is shared: its wall
 # times are inflated by other processes' time slices, more so with two threads waiting for each other. The
 # rule compares the two ways' times, and uses these prices for any number of threads and any dtype (priced by
-# its itemsize). calls: the fit resolved no per-op cost.
+# its itemsize). calls: the fit resolved no per-op cost. Summed over a whole HyperNetwork target (table 3 there,
+# `python bench/hyper_crossover.py --threads 1 --clock cpu --networks`), with generate's layers priced as one
+# batched_mlp op where it runs (HyperShape.mlp_op), these prices pick the faster way on all 14 rows.
 _CPU = Machine(dict(gemm_flops=1 / 1.14e11, bmm_flops=1 / 4.92e10, bmm_products=2.38e-7, bytes=1 / 1.25e10,
                     transpose_bytes=1 / 2.1e9, fresh_bytes=1 / 1.68e9, calls=0.0),
                source="measured: bench/hyper_crossover.py on a 2-core CPU")
@@ -322,9 +329,12 @@ def fused_work_triton(s: HyperShape) -> Work:
 
 def generate_work(s: HyperShape) -> Work:
     """Generate-then-apply: theta = F.linear(h, head) (B, P), then batched_linear on its (B, O, I) view; in the
-    backward, autograd turns each view's gradient into a zero-filled (B, P) buffer, then the head's GEMMs."""
+    backward, autograd turns each view's gradient into a zero-filled (B, P) buffer, then the head's GEMMs. With
+    ``s.mlp_op``, the layer's share of one ``batched_mlp`` op instead (see :class:`HyperShape`)."""
     b, n, i, o, k, z = s.batch, s.n, s.in_features, s.out_features, s.cond, s.itemsize
     r, p = b * n, o * i + o * s.bias
+    if s.mlp_op:
+        return _generate_mlp_op_work(s)
     # With a head bias, addmm first copies it into every row of theta, then accumulates the GEMM onto it.
     fwd = Work(gemm_flops=2.0 * b * k * p, bmm_flops=2.0 * r * i * o, bmm_products=b,
                bytes=z * (b * k + p * k + (1 + 2 * s.head_bias) * b * p + r * i + b * o * i + 4.0 * r * o),
@@ -347,6 +357,35 @@ def generate_work(s: HyperShape) -> Work:
         # On top of what the forward saved: dW and the first view's zero-filled (B, P) gradient, then each view's;
         # then theta's summed gradient while the head's gradients are computed from it.
         bwd_transient=z * (max(b * o * i + b * p, views * b * p, b * p + grads) - grads),
+    )
+    return fwd.then(bwd)
+
+
+def _generate_mlp_op_work(s: HyperShape) -> Work:
+    """A layer's share of generate-then-apply when the target runs as one ``batched_mlp`` op (backends/torch/
+    mlp.py): the forward as :func:`generate_work`'s; the backward writes ``dW`` straight into its slice of the
+    op's ``(B, P)`` gradient (at one point per sample an outer product, else a bmm then a plain copy), each entry
+    once: no transposing copy, no zero fill, no per-view buffer summed by autograd."""
+    b, n, i, o, k, z = s.batch, s.n, s.in_features, s.out_features, s.cond, s.itemsize
+    r, p = b * n, o * i + o * s.bias
+    fwd = generate_work(HyperShape(b, n, i, o, k, s.bias, s.head_bias, z, False, False))
+    if not s.grad:
+        return fwd
+    grads = p * k + p + b * k + s.x_grad * r * i + r * o
+    dw_copy = 2.0 * b * o * i if n > 1 else 0.0  # bmm's (B, O, I) result copied into the strided slice
+    bwd = Work(
+        gemm_flops=4.0 * b * p * k,  # dG = dtheta^T h, dh = dtheta G
+        bmm_flops=(1 + s.x_grad) * 2.0 * r * i * o,  # dW (and dx)
+        bmm_products=(1 + s.x_grad) * b,
+        # dz and the activation; dW (and dx) read their operands; the slice of dtheta written once; the head's
+        # GEMMs read dtheta, G, h and write dG, dh.
+        bytes=z * (4.0 * r * o + (1 + s.x_grad) * (r * o + b * o * i + r * i) + b * p + dw_copy
+                   + 2.0 * (b * p + p * k + b * k)),
+        calls=6,
+        fresh_bytes=_fresh(z * b * p) + _fresh(z * p * k) + (_fresh(z * b * o * i) if n > 1 else 0.0),
+        grads=z * grads,
+        # dtheta, held while the head's gradients are computed from it (and bmm's dW before its copy).
+        bwd_transient=z * (b * p + (b * o * i if n > 1 else 0)),
     )
     return fwd.then(bwd)
 

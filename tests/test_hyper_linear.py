@@ -663,3 +663,64 @@ def test_gpu_batch_of_2_20_does_not_overflow_the_grid(n):
     refs = [t.detach().double() for t in (x[idx], h[idx], head_weight, head_bias)]
     y_ref = torch_hyper.reference_forward(*refs, o, True, hk.activations.get_activation("silu"), 30.0)
     assert_close(y[idx], y_ref, FORWARD_RTOL[torch.float32], "forward")
+
+
+def _mlp_target_layers(sizes, batch, n, cond, mlp_op):
+    """A target MLP's generated layers as HyperNetwork hands them to the rule (x of the first needs no gradient)."""
+    return [HyperShape(batch, n, i, o, cond, True, True, 4, True, j > 0, mlp_op)
+            for j, (i, o) in enumerate(zip(sizes[:-1], sizes[1:]))]
+
+
+# (sizes, B, N, K, what fused=None should pick): measured in bench/results/cpu_hyper_crossover.md, table 3.
+WHOLE_TARGETS = [
+    ([16, 64, 64, 16], 256, 1, 128, GENERATE),   # bench/cases_training.py's "MLP N=1" row: fused was 1.8x slower
+    ([16, 64, 64, 16], 1024, 1, 128, GENERATE),
+    ([2, 100, 5], 4096, 1, 100, GENERATE),
+    ([32, 256, 256, 32], 512, 1, 32, "torch_bmm"),  # wide layers from a narrow trunk: the fused head, 3x faster
+]
+
+
+@pytest.mark.parametrize("sizes, b, n, k, expected", WHOLE_TARGETS, ids=[str(t[:4]) for t in WHOLE_TARGETS])
+def test_auto_rule_prices_generate_as_one_mlp_op_over_a_whole_target(sizes, b, n, k, expected):
+    """Generate-then-apply runs a target's run of nn.Linear layers as one batched_mlp op, whose backward writes
+    each dW once, untransposed, into one (B, P) gradient: priced so (mlp_op), generating costs less than the same
+    layers run as lone batched_linear ops, and the rule picks the way measured faster. Priced per layer, the first
+    target went fused (a tie on time, then the smaller memory), measured 1.8x slower."""
+    cpu = torch.device("cpu")
+    as_op = _dispatch.hyper_linear_costs("torch_bmm", cpu, _mlp_target_layers(sizes, b, n, k, True))
+    per_layer = _dispatch.hyper_linear_costs("torch_bmm", cpu, _mlp_target_layers(sizes, b, n, k, False))
+    assert as_op["fused"] == per_layer["fused"]
+    assert as_op[GENERATE][0] < per_layer[GENERATE][0]
+    assert _dispatch.choose_hyper_linear(cpu, torch.float32, _mlp_target_layers(sizes, b, n, k, True)) == expected
+    if sizes == [16, 64, 64, 16] and b == 256:
+        assert _dispatch.choose_hyper_linear(cpu, torch.float32, _mlp_target_layers(sizes, b, n, k, False)) \
+            == "torch_bmm"
+    one = _mlp_target_layers(sizes, b, n, k, True)[0]
+    forward_only = HyperShape(**{**vars(one), "grad": False})
+    assert _dispatch.generate_work(forward_only) == _dispatch.generate_work(HyperShape(**{**vars(forward_only),
+                                                                                        "mlp_op": False}))
+
+
+@pytest.mark.parametrize("sizes, b, n, k", [([16, 64, 64, 16], 256, 1, 128), ([3, 33, 17, 5], 96, 3, 40),
+                                            ([2, 100, 5], 512, 1, 100)])
+def test_auto_rule_memory_model_of_a_whole_generated_target(sizes, b, n, k):
+    """The predicted peak of generating a whole MLP target (the head's GEMM, then the batched_mlp op), against the
+    CPU allocator's during a training step: within 20%."""
+    layers = []
+    for j, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [torch.nn.Linear(i, o)] + ([torch.nn.ReLU()] if j < len(sizes) - 2 else [])
+    hnet = hk.nn.HyperNetwork(torch.nn.Sequential(*layers), 8, hidden=(k,))
+    x = torch.rand(b, sizes[0]) if n == 1 else torch.rand(b, n, sizes[0])
+    h = torch.randn(b, k, requires_grad=True)
+    wrt = (h, hnet.head.weight, hnet.head.bias)
+
+    def step():
+        y = hnet.target(x, torch.nn.functional.linear(h, hnet.head.weight, hnet.head.bias))
+        torch.autograd.grad(y, wrt, torch.ones_like(y))
+
+    shapes = hnet._hyper_layers(x)
+    assert all(s.mlp_op for s in shapes)
+    predicted = _dispatch.hyper_linear_costs("torch_bmm", torch.device("cpu"), shapes)[GENERATE][1]
+    measured = _peak_cpu_bytes(step)
+    assert abs(predicted / measured - 1) < 0.2, f"predicted {predicted / 2**20:.2f} MiB, measured " \
+                                                f"{measured / 2**20:.2f} MiB"

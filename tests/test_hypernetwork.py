@@ -3,6 +3,7 @@ contract measured, bad input, torch.compile(fullgraph=True) of a whole training 
 user's own hypernetwork (hypernet=) and bind()."""
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -292,12 +293,21 @@ def test_fused_none_is_one_cost_model_decision_over_the_layers(monkeypatch):
         monkeypatch.setattr(hk.nn.hypernetwork, "choose_hyper_linear", _dispatch.choose_hyper_linear)
         calls = _path_taken(hnet, torch.randn(4, 5), torch.randn(4, 7, 3), monkeypatch)
         assert calls == (["generate"] if answer == _dispatch.GENERATE else ["fused"])
-    shape = dict(itemsize=4, grad=False)
+    # At 7 points per sample the torch backend runs the two layers as one batched_mlp op (mlp_op).
+    shape = dict(itemsize=4, grad=False, mlp_op=True)
     assert seen[0] == [_dispatch.HyperShape(4, 7, 3, 8, 16, True, True, x_grad=False, **shape),
                        _dispatch.HyperShape(4, 7, 8, 2, 16, False, True, x_grad=False, **shape)]
     hnet.train()
     x = torch.randn(4, 7, 3)
-    assert hnet._hyper_layers(x)[1] == _dispatch.HyperShape(4, 7, 8, 2, 16, False, True, 4, True, True)
+    assert hnet._hyper_layers(x)[1] == _dispatch.HyperShape(4, 7, 8, 2, 16, False, True, 4, True, True, True)
+    # From _TORCH_MLP_COMPOSITION_MIN_N points on, the layers run one by one as PyTorch's composition.
+    many = _dispatch._TORCH_MLP_COMPOSITION_MIN_N
+    assert [s.mlp_op for s in hnet._hyper_layers(torch.randn(4, many, 3))] == [False, False]
+    assert [s.mlp_op for s in hnet._hyper_layers(torch.randn(4, many - 1, 3))] == [True, True]
+    # A target with a per-sample step (here a LayerNorm) runs whole under vmap on CPU: no batched_mlp op.
+    normed = hk.nn.HyperNetwork(nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Linear(6, 6), nn.ReLU(),
+                                              nn.Linear(6, 3)), 5, hidden=(16,))
+    assert [s.mlp_op for s in normed._hyper_layers(torch.randn(4, 3))] == [False, False, False]
 
 
 @pytest.mark.parametrize("batch", [512, 4096])
@@ -496,6 +506,73 @@ def test_bind_equals_forward_in_value_and_gradient_over_a_solver_loop():
     torch.testing.assert_close(z_bound, z_each, rtol=1e-12, atol=1e-12)
     for g, r in zip(grads_bound, grads_each):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def _bind_targets():
+    """(name, target, shared, x shape), each target mapping x to its own shape: an MLP at one point per sample
+    and at several (odd, non-power-of-two sizes), a 1x1-conv target, and one with a LayerNorm (run per sample as
+    a whole on CPU)."""
+    return [
+        ("mlp N=1", nn.Sequential(nn.Linear(3, 7), nn.Tanh(), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3)), (),
+         (5, 3)),
+        ("mlp N=6", nn.Sequential(nn.Linear(3, 9), nn.GELU(), nn.Linear(9, 3)), ("0.bias",), (5, 6, 3)),
+        ("conv1x1", nn.Sequential(nn.Conv1d(3, 4, 1), nn.SiLU(), nn.Conv1d(4, 3, 1)), (), (5, 3, 7)),
+        ("layernorm", nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)), (), (5, 3)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bind_targets())), ids=[c[0] for c in _bind_targets()])
+def test_bind_over_many_calls_equals_forward_and_cuts_params_once(case, monkeypatch):
+    """Several calls through bind (each on the previous output, as a solver does) equal hnet(cond, .) per call in
+    value and in the gradients of cond, x and every parameter (float64). On CPU (the torch backend) the flat
+    params are cut into per-layer views once for all calls, and no call runs the fused batched_mlp op."""
+    batched_module = sys.modules["hyperkernels.nn.batched"]  # the package's name "batched" is the function
+
+    name, target, shared, x_shape = _bind_targets()[case]
+    torch.manual_seed(case)
+    hnet = hk.nn.HyperNetwork(target, 4, hidden=(11,), shared=shared).double()
+    cond = torch.randn(x_shape[0], 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    wrt = [cond, x, *hnet.parameters()]
+
+    def loop(f):
+        y = x
+        for _ in range(4):
+            y = x + 0.5 * torch.tanh(f(y))
+        return y
+
+    cuts, real_views = [], type(hnet.target)._views
+    monkeypatch.setattr(type(hnet.target), "_views", lambda self, *a: cuts.append(1) or real_views(self, *a))
+    monkeypatch.setattr(batched_module, "run_fused_mlp", lambda *a: pytest.fail("a bound call ran batched_mlp"))
+    bound = hnet.bind(cond)
+    y_bound = loop(bound)
+    assert len(cuts) == 1, f"{name}: params cut into views {len(cuts)} times for 4 calls"
+    grads_bound = torch.autograd.grad(y_bound.square().sum(), wrt)
+    monkeypatch.undo()
+    for fused in (False, None) + ((True,) if name != "layernorm" else ()):
+        hnet.fused = fused
+        y_each = loop(lambda v: hnet(cond, v))
+        grads_each = torch.autograd.grad(y_each.square().sum(), wrt)
+        torch.testing.assert_close(y_bound, y_each, rtol=1e-12, atol=1e-12)
+        for g, r in zip(grads_bound, grads_each):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_bind_runs_the_flat_params_where_linear_layers_are_not_the_composition(monkeypatch):
+    """Where the backend's linear layers are its own kernels (not PyTorch's composition), each call runs the
+    target on the flat params (its fused MLP one op), not layer by layer on views."""
+    from hyperkernels.nn import hypernetwork as hn
+
+    hnet = hk.nn.HyperNetwork(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)), 4, hidden=(6,)).double()
+    cond, x = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    expected = hnet(cond, x)
+    seen = []
+    real_forward = type(hnet.target).forward
+    monkeypatch.setattr(hn, "linear_is_composition", lambda backend, like: False)
+    monkeypatch.setattr(type(hnet.target), "forward", lambda self, x, p: seen.append(p) or real_forward(self, x, p))
+    bound = hnet.bind(cond)
+    torch.testing.assert_close(bound(x), expected, rtol=1e-12, atol=1e-12)
+    assert len(seen) == 1 and seen[0] is bound.params
 
 
 def test_bind_checks_x_like_forward():
