@@ -96,9 +96,9 @@ def run_case(name, *, dtype=torch.float32, batch=3, n=None, params_kind="flat", 
     params = per_sample_params(net.layout, batch, dtype, scale=1 / 30 if sine else 1.0)
     x_shape = (batch, *([] if n is None else [n] if isinstance(n, int) else list(n)), *in_shape)
     x = torch.randn(x_shape, dtype=torch.float64).to(dtype).requires_grad_()
-    if params_kind == "flat":
+    if params_kind in ("flat", "views"):  # "views": a dict of views of one flat tensor
         flat = net.layout.flatten(params).requires_grad_()
-        given = flat
+        given = flat if params_kind == "flat" else net.layout.unflatten(flat)
     else:
         given = {k: v.requires_grad_() for k, v in params.items()}
     y = net(x, given)
@@ -110,7 +110,8 @@ def run_case(name, *, dtype=torch.float32, batch=3, n=None, params_kind="flat", 
     assert y.shape == y_ref.shape and y.dtype == dtype
     assert_close(y, y_ref, FORWARD_RTOL[dtype] * depth, "forward")
     assert_close(x.grad, dx_ref, GRAD_RTOL[dtype] * depth, "dx")
-    dparams = net.layout.unflatten(flat.grad) if params_kind == "flat" else {k: v.grad for k, v in given.items()}
+    flat_grad = params_kind in ("flat", "views")
+    dparams = net.layout.unflatten(flat.grad) if flat_grad else {k: v.grad for k, v in given.items()}
     for k in params:
         assert_close(dparams[k], dp_ref[k], GRAD_RTOL[dtype] * depth, f"d{k}")
     for k, p in net.shared_parameters().items():
@@ -171,7 +172,99 @@ def test_triton_backend():
     net = hk.nn.batched(template, backend="triton")
     flat = torch.randn(2, net.num_params, device=device) * 0.3
     x = torch.randn(2, 4, 3, device=device)
-    torch.testing.assert_close(net(x, flat), ref(x, flat), rtol=1e-4, atol=1e-5)
+    expected = ref(x, flat)
+    torch.testing.assert_close(net(x, flat), expected, rtol=1e-4, atol=1e-5)
+    # dict params: views of the flat tensor run the fused kernel on it in place, separate tensors layer by layer
+    for given in (net.layout.unflatten(flat), {k: v.clone() for k, v in net.layout.unflatten(flat).items()}):
+        torch.testing.assert_close(net(x, given), expected, rtol=1e-4, atol=1e-5)
+
+
+# -- dict params: read as given, never concatenated ----------------------------------------------------
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["composition", "kernel-backend"])
+@pytest.mark.parametrize("params_kind", ["dict", "views"])
+@pytest.mark.parametrize("n", [None, 1, 5], ids=["N=1 (B, in)", "N=1 (B, 1, in)", "N=5"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-nobias", "mixed-activations", "siren-two-w0", "nested",
+                                  "shared-middle-weight"])
+def test_dict_params_match_vmap_float64(name, n, params_kind, kernels, monkeypatch):
+    """Separate tensors and views of one flat tensor, where the linear layers are PyTorch's composition and where
+    a kernel backend runs the fused MLP op (faked: the torch backend's op, which runs at few points)."""
+    if kernels:
+        monkeypatch.setattr(batched_module, "linear_is_composition", lambda backend, like: False)
+    run_case(name, dtype=torch.float64, n=n, params_kind=params_kind, batch=5)
+
+
+def _record(monkeypatch, name):
+    seen, real = [], getattr(batched_module, name)
+    monkeypatch.setattr(batched_module, name, lambda h, *a: seen.append(a) or real(h, *a))
+    return seen
+
+
+def test_dict_params_are_not_copied(monkeypatch):
+    """At one point per sample on the torch backend (where flat params run the fused op), dict params run layer
+    by layer on the given tensors themselves; with a faked kernel backend, the op reads views of one flat tensor
+    in place and other dicts run layer by layer: never a torch.cat of the pieces."""
+    net = hk.nn.batched(mlp("tanh", "relu", (3, 7, 5, 2)))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert batched_module.fused_mlp_worth_it(net.backend, x, (3, 7, 5, 2))  # where a dict was concatenated
+    params = per_sample_params(net.layout, 4, torch.float64)
+    row = net.layout.flatten(params)
+    expected = net(x, row)
+    layers, ops = _record(monkeypatch, "run_kernel_layer"), _record(monkeypatch, "run_fused_mlp")
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("batched() concatenated the dict params"))
+    torch.testing.assert_close(net(x, params), expected, rtol=1e-12, atol=1e-12)
+    assert not ops and [(w, b) for w, b, *_ in layers] == [(params[f"{i}.weight"], params[f"{i}.bias"])
+                                                           for i in (0, 2, 4)]
+    assert all(w is params[f"{i}.weight"] and b is params[f"{i}.bias"] for (w, b, *_), i in zip(layers, (0, 2, 4)))
+    monkeypatch.setattr(batched_module, "linear_is_composition", lambda backend, like: False)
+    flat = torch.zeros(4, net.num_params + 3, dtype=torch.float64)
+    flat[:, 2:-1] = row  # inside a wider buffer: the op gets its range, in place
+    views = net.layout.unflatten(flat[:, 2:-1])
+    layers.clear()
+    torch.testing.assert_close(net(x, views), expected, rtol=1e-12, atol=1e-12)
+    assert not layers and len(ops) == 1 and ops[0][0].data_ptr() == views["0.weight"].data_ptr()
+    ops.clear()
+    torch.testing.assert_close(net(x, params), expected, rtol=1e-12, atol=1e-12)  # separate tensors
+    assert not ops and len(layers) == 3
+
+
+def test_flat_buffer_range_only_for_views_in_the_layout():
+    kernels = importlib.import_module("hyperkernels.nn._kernels")
+    flat = torch.randn(3, 10, requires_grad=True)
+    w, b = flat[:, :8].view(3, 2, 4), flat[:, 8:]
+    assert kernels.flat_buffer_range([w, b], [0, 8], 10) is flat
+    assert kernels.flat_buffer_range([b, w], [0, 2], 10) is None  # another order
+    assert kernels.flat_buffer_range([w, b.clone()], [0, 8], 10) is None  # separate tensors
+    assert kernels.flat_buffer_range([w.transpose(1, 2), b], [0, 8], 10) is None  # not row-major
+    part = kernels.flat_buffer_range([flat[:, 2:8].view(3, 2, 3), flat[:, 8:9]], [0, 6], 7)
+    assert part.shape == (3, 7) and torch.equal(part, flat[:, 2:9]) and part.data_ptr() == flat[:, 2:].data_ptr()
+    base = torch.randn(3, 10)  # views that need a gradient of their own are not a range of their buffer
+    assert kernels.flat_buffer_range([base[:, :8].view(3, 2, 4).requires_grad_(), base[:, 8:]], [0, 8], 10) is None
+    with torch.no_grad():
+        detached = flat.detach()
+        got = kernels.flat_buffer_range([detached[:, :8].view(3, 2, 4), detached[:, 8:]], [0, 8], 10)
+    assert got.data_ptr() == flat.data_ptr() and torch.equal(got, flat)
+
+
+def test_split_params_forward_views_and_fused_mlp_weights():
+    """The public surface bind() runs on: views cut once (no copy), forward_views equal to forward, and which
+    weights forward runs inside the fused op (at few points per sample on the torch backend; none at many)."""
+    net = hk.nn.batched(MODULES["mixed-activations"][0]())
+    flat = torch.randn(3, net.num_params, dtype=torch.float64)
+    views = net.split_params(flat)
+    assert list(views) == net.layout.names
+    assert all(v.data_ptr() == flat[:, net.layout.offset(n):].data_ptr() for n, v in views.items())
+    x = torch.randn(3, 3, dtype=torch.float64)
+    torch.testing.assert_close(net.forward_views(x, views), net(x, flat), rtol=1e-12, atol=1e-12)
+    assert net.fused_mlp_weights(x) == {f"{i}.weight" for i in (0, 2, 4, 6, 8)}
+    many = batched_module.fused_mlp_worth_it(net.backend, torch.randn(3, 4096, 3), (3, 8, 8))
+    assert not many and net.fused_mlp_weights(torch.randn(3, 4096, 3)) == frozenset()
+    with pytest.raises(TypeError, match=r"params: expected a dict name -> \(B, \*shape\) tensor, got Tensor"):
+        net.forward_views(x, flat)
+    with pytest.raises(TypeError, match=r"params: expected a flat \(B, \d+\) tensor, got a dict"):
+        net.split_params(dict(views))
+    with pytest.raises(ValueError, match=r"params\['0.weight'\]: expected shape \(B, 8, 3\)"):
+        net.forward_views(x, {**views, "0.weight": views["0.weight"][:, :2]})
 
 
 # -- the plan ------------------------------------------------------------------------------------

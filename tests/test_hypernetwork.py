@@ -541,8 +541,8 @@ def test_bind_over_many_calls_equals_forward_and_cuts_params_once(case, monkeypa
             y = x + 0.5 * torch.tanh(f(y))
         return y
 
-    cuts, real_views = [], type(hnet.target)._views
-    monkeypatch.setattr(type(hnet.target), "_views", lambda self, *a: cuts.append(1) or real_views(self, *a))
+    cuts, real_split = [], type(hnet.target).split_params
+    monkeypatch.setattr(type(hnet.target), "split_params", lambda self, p: cuts.append(1) or real_split(self, p))
     monkeypatch.setattr(batched_module, "run_fused_mlp", lambda *a: pytest.fail("a bound call ran batched_mlp"))
     bound = hnet.bind(cond)
     y_bound = loop(bound)
@@ -560,18 +560,21 @@ def test_bind_over_many_calls_equals_forward_and_cuts_params_once(case, monkeypa
 
 def test_bind_runs_the_flat_params_where_linear_layers_are_not_the_composition(monkeypatch):
     """Where the backend's linear layers are its own kernels (not PyTorch's composition), each call runs the
-    target on the flat params (its fused MLP one op), not layer by layer on views."""
-    from hyperkernels.nn import hypernetwork as hn
-
+    fused MLP as one op on the flat params themselves (the views' buffer, read in place), not layer by layer and
+    not on a copy; value and gradient as forward."""
+    batched_module = sys.modules["hyperkernels.nn.batched"]
     hnet = hk.nn.HyperNetwork(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)), 4, hidden=(6,)).double()
-    cond, x = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    cond = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 3, dtype=torch.float64)
     expected = hnet(cond, x)
-    seen = []
-    real_forward = type(hnet.target).forward
-    monkeypatch.setattr(hn, "linear_is_composition", lambda backend, like: False)
-    monkeypatch.setattr(type(hnet.target), "forward", lambda self, x, p: seen.append(p) or real_forward(self, x, p))
+    (g_expected,) = torch.autograd.grad(expected.square().sum(), cond)
+    seen, real_run = [], batched_module.run_fused_mlp
+    monkeypatch.setattr(batched_module, "linear_is_composition", lambda backend, like: False)
+    monkeypatch.setattr(batched_module, "run_fused_mlp", lambda h, flat, *a: seen.append(flat) or real_run(h, flat, *a))
     bound = hnet.bind(cond)
-    torch.testing.assert_close(bound(x), expected, rtol=1e-12, atol=1e-12)
+    y = bound(x)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(y.square().sum(), cond)[0], g_expected, rtol=1e-12, atol=1e-12)
     assert len(seen) == 1 and seen[0] is bound.params
 
 

@@ -3,7 +3,7 @@ MLP. Every tensor here has the batch of samples as its dim 0 (the physical tenso
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from .._dispatch import implements, resolve_backend, runs_as_composition
 from ..activations import get_activation
 from ..functional import batched_conv1x1, batched_linear, run_mlp
 
-__all__ = ["run_kernel_layer", "run_fused_mlp", "fused_mlp_worth_it", "linear_is_composition"]
+__all__ = ["run_kernel_layer", "run_fused_mlp", "fused_mlp_worth_it", "linear_is_composition", "flat_buffer_range"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -115,3 +115,45 @@ def run_fused_mlp(h: Tensor, flat: Tensor, spec, activation: str, output_activat
     x3 = h if h.dim() == 3 else h.reshape(batch, -1, h.shape[-1])
     y = run_mlp(x3, flat, spec, get_activation(activation), get_activation(output_activation), w0, backend)
     return y if h.dim() == 3 else y.reshape(*h.shape[:-1], spec.sizes[-1])
+
+
+def flat_buffer_range(tensors: Sequence[Tensor], offsets: Sequence[int], length: int) -> Optional[Tensor]:
+    """The ``(B, length)`` range of one flat buffer that ``tensors`` (each ``(B, *shape)``) are views of, each
+    row-major at ``offsets[i]`` from the first within a row, all with one row stride; None if they are not (e.g.
+    separate tensors, or views in another order). Nothing is copied.
+
+    Where a gradient is needed the range is cut from the tensor they are all views of (``_base``), so the
+    gradient reaches it (and whatever it came from) as through the views; tensors that need a gradient of
+    their own (views of a buffer that needs none) are not a range of it."""
+    first = tensors[0]
+    batch = first.shape[0]
+    row = first.stride(0)
+    if batch > 1 and row < length:
+        return None  # the samples' ranges would overlap
+    base = first._base
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if needs_grad and (base is None or not base.requires_grad):
+        return None
+    storage = first.untyped_storage().data_ptr()
+    for t, offset in zip(tensors, offsets):
+        if t.untyped_storage().data_ptr() != storage or (needs_grad and t._base is not base):
+            return None
+        if t.storage_offset() - first.storage_offset() != offset or (batch > 1 and t.stride(0) != row):
+            return None
+        expected = 1
+        for size, stride in reversed(list(zip(t.shape[1:], t.stride()[1:]))):
+            if size != 1 and stride != expected:
+                return None
+            expected *= size
+    last = tensors[-1]
+    if offsets[-1] + last[:1].numel() != length:
+        return None
+    source = base if needs_grad else first
+    if (source.dim() == 2 and source.shape[0] == batch and source.stride(1) == 1 and
+            (batch == 1 or source.stride(0) == row)):
+        start = first.storage_offset() - source.storage_offset()
+        if start == 0 and length == source.shape[1]:
+            return source  # the whole buffer: its gradient arrives whole, no zero-filled copy around it
+        if 0 <= start and start + length <= source.shape[1]:
+            return source.narrow(1, start, length)
+    return source.as_strided((batch, length), (row, 1), first.storage_offset())

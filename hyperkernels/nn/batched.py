@@ -10,7 +10,8 @@ The returned module computes what ``vmap(functional_call(module, ...))`` compute
   1x1-conv / RNN-cell submodules on the kernels. ``print(net)`` shows the plan.
 * Flat ``(B, P)`` params are split once into what each step reads (one ``split``: its backward writes the
   ``(B, P)`` gradient once, where a view per parameter would each write a zero-filled ``(B, P)`` buffer); fused
-  runs read their range of it in place.
+  runs read their range of it in place. Dict params are read as given, never concatenated
+  (:meth:`BatchedSequential.forward_views`).
 * Shared parameters (``shared=``) are trainable ``nn.Parameter`` s of the returned module, handed to every
   sample without a copy (batch stride 0, or unbatched in vmap); their gradient is the sum over samples. The
   module's buffers (e.g. an eval-mode BatchNorm's running statistics) are buffers of the returned module, shared
@@ -34,7 +35,8 @@ from ..activations import get_activation
 from ..functional import hyper_linear
 from ..layout import ParamLayout
 from ._batched_checks import check_inputs, check_module, check_params, check_state
-from ._kernels import fused_mlp_worth_it, linear_is_composition, run_fused_mlp, run_kernel_layer
+from ._kernels import (flat_buffer_range, fused_mlp_worth_it, linear_is_composition, run_fused_mlp,
+                       run_kernel_layer)
 from ._per_sample import escaping_kinds, kernel_kinds, kernel_layer_names, run_per_sample, swap_kernel_layers
 from ._plan import (Activation, Elementwise, FusedRun, Layer, PerSample, chunks, compile_steps, fuse_runs,
                     kernel_layer, plain_sequential, private_copy, walk, whole_module_step)
@@ -205,29 +207,73 @@ class BatchedSequential(nn.Module):
                 (each with a leading batch dim; ``None`` passes through), e.g. ``(x_t, h)`` for an ``nn.GRUCell``.
             params: the per-sample parameters: a flat ``(B, P)`` tensor laid out like ``self.layout`` (read in
                 place), or a dict keyed like ``module.state_dict()`` (per-sample names only) of ``(B, *shape)``
-                tensors, e.g. the first element of ``torch.func.stack_module_state(models)``.
+                tensors, e.g. the first element of ``torch.func.stack_module_state(models)``, read as given (see
+                :meth:`forward_views`).
 
         Returns:
             what ``vmap(functional_call(module, ...), randomness="different")`` returns on the same parameters.
         """
         flat, given, batch = check_params(params, self.layout, self.shared_names)
-        first = flat if flat is not None else given[self.layout.names[0]]
-        what = "params" if flat is not None else f"params[{self.layout.names[0]!r}]"
-        self._check_x(x, batch, first.dtype, first.device, what)
-        composition = linear_is_composition(self.backend, first)
+        if flat is None:
+            return self._forward_tensors(x, given, batch)
+        self._check_x(x, batch, flat.dtype, flat.device, "params")
+        composition = linear_is_composition(self.backend, flat)
         if self._whole is not None and composition:
-            tensors = given if flat is None else self._views(flat, self.layout.names)
-            return self._run_per_sample(self._whole, x, tensors, composition)
-        tensors, pieces = self._hand_out(flat, given, batch)
+            return self._run_per_sample(self._whole, x, self._views(flat, self.layout.names), composition)
+        tensors, pieces = self._hand_out(flat)
         h = x
         for i, step in enumerate(self._steps):
             h = self._run_step(i, step, h, tensors, pieces, composition)
         return h
 
-    def _hand_out(self, flat: Optional[Tensor], given: Optional[Mapping[str, Tensor]], batch: int):
-        """(name -> (B, *shape) tensor, step index -> (B, length) range of a fused run)."""
+    def split_params(self, params: Tensor) -> "OrderedDict[str, Tensor]":
+        """The flat ``(B, P)`` params as ``{name: (B, *shape) view}``, cut with one ``split`` (its backward writes
+        the ``(B, P)`` gradient once; a view per parameter would each write a zero-filled ``(B, P)`` buffer).
+        Cut once for a loop of :meth:`forward_views` calls, the views collect all their gradients."""
+        flat, _, _ = check_params(params, self.layout, self.shared_names)
         if flat is None:
-            return given, {}
+            raise TypeError(f"params: expected a flat (B, {self.num_params}) tensor, got a {type(params).__name__}")
+        return OrderedDict(self._views(flat, self.layout.names))
+
+    def forward_views(self, x: Union[Tensor, tuple], params: Mapping[str, Tensor]) -> Tensor:
+        """``forward(x, params)`` for one ``(B, *shape)`` tensor per name (e.g. from :meth:`split_params`), read as
+        given: nothing is copied or concatenated.
+
+        Where the linear layers run as PyTorch's composition (the torch backend, e.g. on CPU), runs of linear
+        layers run layer by layer on these tensors, so each layer's gradient lands in its own tensor's buffer: a
+        solver loop calling the target many times on views cut once from the flat params sums its calls'
+        gradients per layer and reaches the ``(B, P)`` gradient once per backward, where the fused op on the flat
+        params would write, and autograd sum, one ``(B, P)`` gradient per call. Where a kernel backend runs the
+        fused op (Triton), a run whose tensors are views of one flat buffer in the layout's order reads that
+        buffer's range in place (its gradient reaches that buffer directly); other tensors run layer by layer."""
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params: expected a dict name -> (B, *shape) tensor, got {type(params).__name__}")
+        _, given, batch = check_params(params, self.layout, self.shared_names)
+        return self._forward_tensors(x, given, batch)
+
+    def fused_mlp_weights(self, x: Union[Tensor, tuple]) -> frozenset:
+        """The names of the per-sample weights that ``forward(x, flat params)`` runs inside a fused ``batched_mlp``
+        op (runs of ``nn.Linear`` layers, where the backend runs that op at the points per sample of ``x``); the
+        other linear layers run one by one. For cost models: that op's backward writes the run's gradient once."""
+        like = x if isinstance(x, Tensor) else next((t for t in x if isinstance(t, Tensor)), None)
+        if like is None or (self._whole is not None and linear_is_composition(self.backend, like)):
+            return frozenset()  # the whole module runs per sample (vmap), its linear layers as the composition
+        return frozenset(layer.weight for step in self._steps if isinstance(step, FusedRun)
+                         and fused_mlp_worth_it(self.backend, like, step.spec.sizes) for layer in step.layers)
+
+    def _forward_tensors(self, x, given: Mapping[str, Tensor], batch: int) -> Tensor:
+        first = given[self.layout.names[0]]
+        self._check_x(x, batch, first.dtype, first.device, f"params[{self.layout.names[0]!r}]")
+        composition = linear_is_composition(self.backend, first)
+        if self._whole is not None and composition:
+            return self._run_per_sample(self._whole, x, given, composition)
+        h = x
+        for i, step in enumerate(self._steps):
+            h = self._run_step(i, step, h, given, {}, composition)
+        return h
+
+    def _hand_out(self, flat: Tensor):
+        """(name -> (B, *shape) view, step index -> (B, length) range of a fused run) of the flat params."""
         parts = [flat] if len(self._chunks) == 1 else flat.split([c.length for c in self._chunks], dim=1)
         tensors, pieces = {}, {}
         for chunk, part in zip(self._chunks, parts):
@@ -264,10 +310,16 @@ class BatchedSequential(nn.Module):
         if isinstance(step, FusedRun):
             if fused_mlp_worth_it(self.backend, h, step.spec.sizes):
                 piece = pieces.get(i)
-                if piece is None:  # dict params: the run's pieces in one (B, length) tensor, one copy
-                    piece = torch.cat([tensors[n].reshape(h.shape[0], -1) for n in step.names], dim=1)
-                return run_fused_mlp(h, piece, step.spec, step.activation, step.output_activation, step.w0,
-                                     self.backend)
+                if piece is None and not composition:
+                    # Per-layer tensors feed the op only where they already are views of one flat range in the
+                    # run's layout. Others run layer by layer, not concatenated: the copy would read and write
+                    # every parameter of the run on every call, as many bytes again as the fused kernel reads,
+                    # and at a hypernetwork target's few points per sample the weights are most of its traffic.
+                    piece = flat_buffer_range([tensors[n] for n in step.names],
+                                              [self.layout.offset(n) - step.start for n in step.names], step.length)
+                if piece is not None:
+                    return run_fused_mlp(h, piece, step.spec, step.activation, step.output_activation, step.w0,
+                                         self.backend)
             views = tensors if all(n in tensors for n in step.names) else self._views(pieces[i], step.names)
             for layer in step.layers:
                 h = self._run_layer(layer, h, views)

@@ -11,8 +11,6 @@ from torch import Tensor, nn
 from .._dispatch import GENERATE, HyperShape, choose_hyper_linear, resolve_backend
 from .._validate import check_tensor
 from ..layout import ParamLayout
-from ._kernels import fused_mlp_worth_it, linear_is_composition
-from ._plan import FusedRun
 from .batched import BatchedSequential, batched
 
 __all__ = ["HyperNetwork", "BoundTarget", "hyperfan_init_"]
@@ -67,8 +65,9 @@ class BoundTarget:
     2026-11-30, against ``vmap(functional_call)`` interleaved: 1.43x at B = 64 (54.1 vs 78.8 ms), 1.22x at B = 512
     (211.0 vs 260.6 ms); through the op it was 0.79x and 0.92x. For a single call at large B the op is still the
     faster (its backward writes ``dW`` untransposed; here autograd transposes it once per backward): call
-    ``hnet(cond, x)`` then. Elsewhere (the Triton kernels) each call runs the target on the flat params, its fused
-    MLP one launch."""
+    ``hnet(cond, x)`` then. Elsewhere (the Triton kernels) each call runs the fused MLP as one launch on its range
+    of the flat params, which the views are cut from and which it reads in place
+    (:meth:`BatchedSequential.forward_views`)."""
 
     def __init__(self, target: BatchedSequential, params: Tensor):
         self.target = target
@@ -80,27 +79,9 @@ class BoundTarget:
         return self.params.shape[0]
 
     def __call__(self, x: Tensor) -> Tensor:
-        target, params = self.target, self.params
-        if not linear_is_composition(target.backend, params):
-            return target(x, params)
-        if target._whole is not None:  # a module with its own forward, run per sample on the views as given
-            return target(x, self._layer_views())
-        target._check_x(x, params.shape[0], params.dtype, params.device, "bound.params")
-        views = self._layer_views()
-        h = x
-        for i, step in enumerate(target._steps):
-            if isinstance(step, FusedRun):
-                for layer in step.layers:
-                    h = target._run_layer(layer, h, views)
-            else:
-                h = target._run_step(i, step, h, views, {}, True)
-        return h
-
-    def _layer_views(self) -> dict:
-        """``{name: (B, *shape) view of params}``, made once: every call's graph then starts at these views."""
-        if self._views is None:
-            self._views = self.target._views(self.params, self.target.layout.names)
-        return self._views
+        if self._views is None:  # cut once: every call's graph then starts at these views
+            self._views = self.target.split_params(self.params)
+        return self.target.forward_views(x, self._views)
 
     def __repr__(self) -> str:
         return f"BoundTarget(batch_size={self.batch_size}, num_params={self.params.shape[1]})"
@@ -481,7 +462,9 @@ class HyperNetwork(nn.Module):
         p = self.head.weight
         n = max(1, x[:1].numel() // max(1, self.target.layout_in_features))
         grad = torch.is_grad_enabled() and any(q.requires_grad for q in self.parameters())
-        in_mlp_op = self._mlp_op_weights(x)
+        # weights that generate-then-apply runs inside a fused batched_mlp op: the cost model prices their
+        # backward as that op's, one (B, P) gradient written once
+        in_mlp_op = self.target.fused_mlp_weights(x)
         shapes = self.layout.shapes
         layers = []
         for name, shape in shapes.items():
@@ -494,18 +477,6 @@ class HyperNetwork(nn.Module):
                                      self.head.bias is not None, p.element_size(), grad,
                                      grad and (x.requires_grad if first else True), name in in_mlp_op))
         return layers
-
-    def _mlp_op_weights(self, x: Tensor) -> frozenset:
-        """The generated weights that generate-then-apply runs inside a fused ``batched_mlp`` op (a run of
-        ``nn.Linear`` layers on flat params, where the target's backend runs that op at these points per sample):
-        the cost model prices their backward as that op's, one ``(B, P)`` gradient written once."""
-        names = set()
-        if self.target._whole is not None and linear_is_composition(self.target.backend, x):
-            return frozenset()  # the whole module runs per sample (vmap), its linear layers as the composition
-        for step in self.target._steps:
-            if isinstance(step, FusedRun) and fused_mlp_worth_it(self.target.backend, x, step.spec.sizes):
-                names.update(layer.weight for layer in step.layers)
-        return frozenset(names)
 
     def _fused_backend(self, x: Tensor):
         """The hyper_linear backend that runs the head fused, or None to generate-then-apply."""
