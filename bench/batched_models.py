@@ -184,7 +184,11 @@ def build(case: Case, device, dtype):
     g = torch.randn_like(ours())
 
     def backward(fn):
-        return lambda: torch.autograd.grad(fn(), grads, g)
+        # The same gradient values, laid out like fn's own output: a gradient in another layout would time the
+        # activation backward's layout mixing, not the method (see bench/run.py).
+        with torch.no_grad():
+            g_fn = torch.empty_like(fn()).copy_(g)
+        return lambda: torch.autograd.grad(fn(), grads, g_fn)
 
     torch.manual_seed(1)
     a = ours()
@@ -310,7 +314,7 @@ def run_mechanisms(device, dtype, budget_s):
         x = torch.randn(*x_shape, device=device, dtype=dtype)
 
         def params():
-            views = net._views(flat, net.layout.names)
+            views = net.split_params(flat)
             return {name: views[c] for name, c in step.params}
 
         def vmapped(module, mode=None):

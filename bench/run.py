@@ -154,18 +154,24 @@ def run_case(case, device: torch.device, args) -> list[dict]:
             for m in methods:
                 rows[m]["error"] = _error(exc) if m == baseline else f"not timed: the baseline {baseline} failed"
             return list(rows.values())
+        outputs = {baseline: ref}
         for m in methods:
             if m == baseline:
                 continue
             try:
-                why = _disagreement(methods[m](), ref, case.dtype)
+                outputs[m] = methods[m]()
+                why = _disagreement(outputs[m], ref, case.dtype)
             except Exception as exc:  # noqa: BLE001
                 why = _error(exc)
             if why is not None:
                 rows[m]["error"] = why
-    grad_out = torch.randn_like(ref)
-    del ref
-    ok = [m for m in methods if "error" not in rows[m]]
+        ok = [m for m in methods if "error" not in rows[m]]
+        # The same gradient values for every method, each laid out like that method's own output (as an
+        # elementwise loss would give it): a gradient in another layout makes the activation's backward mix two
+        # layouts, which costs a CPU several times the backward itself and would time the layout, not the method.
+        grad_values = torch.randn_like(ref)
+        grad_outs = {m: torch.empty_like(outputs[m]).copy_(grad_values) for m in ok}
+        del ref, outputs
 
     def no_grad(fn):
         def run():
@@ -173,7 +179,7 @@ def run_case(case, device: torch.device, args) -> list[dict]:
                 return fn()
         return run
 
-    steps = {m: problem.steps[m] if problem.steps else forward_backward(problem, methods[m], grad_out) for m in ok}
+    steps = {m: problem.steps[m] if problem.steps else forward_backward(problem, methods[m], grad_outs[m]) for m in ok}
     half = args.budget / 2
     clock = _clock(args)
     passes = {"fwd": time_interleaved({m: no_grad(methods[m]) for m in ok}, device, half, clock=clock),

@@ -209,3 +209,33 @@ def test_conv1x1_copies_only_unmergeable_spatial_dims():
     w = torch.randn(2, 5, 3)
     y = hk.batched_conv1x1(x[..., ::2, ::2], w)  # spatial dims that cannot share one stride
     assert_close(y, conv1x1_reference(x[..., ::2, ::2].double(), w.double(), None), FORWARD_RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+@pytest.mark.parametrize("channel_major", [False, True], ids=["linear", "conv1x1"])
+def test_gradient_in_another_layout(backend_device, channel_major):
+    """The incoming gradient takes the layout of whatever consumed the output, e.g. the transposed
+    (B, C, N) view of a points-major result: the public call and the backward op must read it by its strides."""
+    backend, device = backend_device
+    b, n, k, m = 3, 5, 4, 7
+    x = torch.randn((b, k, n) if channel_major else (b, n, k), device=device)
+    w = torch.randn(b, m, k, device=device) / 2
+    bias = torch.randn(b, m, device=device)
+    out_shape = (b, m, n) if channel_major else (b, n, m)
+    dy = torch.randn(out_shape[0], out_shape[2], out_shape[1], device=device).transpose(1, 2)
+    assert not dy.is_contiguous()
+    op = hk.batched_conv1x1 if channel_major else hk.batched_linear
+    reference = conv1x1_reference if channel_major else linear_reference
+    leaves = [t.requires_grad_() for t in (x, w, bias)]
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    op(*leaves, activation="silu", backend=backend).backward(dy)
+    reference(*refs, activation="silu").backward(dy.double())
+    for name, got, ref in zip(("x", "weight", "bias"), leaves, refs):
+        assert_close(got.grad, ref.grad, GRAD_RTOL[torch.float32], f"grad of {name} (public call)")
+
+    with torch.no_grad():
+        y, preact = hk.ops.batched_linear_op(x, w, bias, "silu", 30.0, channel_major, True, backend)
+    grads = hk.ops.batched_linear_backward_op(dy, x, w, bias, y, preact, "silu", 30.0, channel_major,
+                                              [True, True, True], backend)
+    for name, got, ref in zip(("x", "weight", "bias"), grads, refs):
+        assert_close(got, ref.grad, GRAD_RTOL[torch.float32], f"grad of {name} (backward op)")
