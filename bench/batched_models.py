@@ -1,4 +1,6 @@
-"""``hk.nn.batched(model)`` against ``vmap(functional_call(model, ...))`` on the models of issue 14, interleaved.
+"""``hk.nn.batched(model)`` against ``vmap(functional_call(model, ...))`` on models vmap runs and batched() must run as fast
+(Sequentials of every layer kind, a residual MLP, SIREN, a CNN, a GRUCell stepped over time, learnable activations,
+Dropout), interleaved.
 
 Every model runs per sample with its own parameters: a flat ``(B, P)`` tensor (a hypernetwork's output) that
 both methods read, the baseline through ``ParamLayout.unflatten`` views (the usual way to slice it) and

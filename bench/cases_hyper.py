@@ -3,7 +3,7 @@
 Every method computes the same thing, ``y = act(W[b] x[b] + c[b])`` with ``[W, c] = F.linear(h, G, g)``, and its
 forward+backward takes the gradients of the head (``G``, ``g``) and of ``h``, as training a hypernetwork does.
 The baseline is generate-then-bmm: materialise the ``(B, out*in + out)`` parameters, then one ``baddbmm``.
-The GPU target (issue 16: N = 1, B = 16384, K = 128, 256x256, bfloat16): hyper_linear faster than the baseline
+The GPU target (N = 1, B = 16384, K = 128, 256x256, bfloat16): hyper_linear faster than the baseline
 with >= 10x less peak memory.
 """
 from __future__ import annotations

@@ -160,7 +160,7 @@ def build(case: TrainingCase, device: torch.device, backends: list) -> Problem:
     return Problem(methods, (), baseline="vmap(functional_call)", steps=steps)
 
 
-# The workload of a widely read vmap + functional_call hypernetwork tutorial (issue 13): target
+# The workload of a widely read vmap + functional_call hypernetwork tutorial: target
 # Linear(2, 100) -> ReLU -> Linear(100, 5), one point per sample, a hypernetwork with one 100-wide hidden layer.
 _TUTORIAL = dict(n=1, sizes=[2, 100, 5], cond_features=2, hidden=(100,))
 

@@ -155,7 +155,7 @@ stage_tests() {
   for f in tests/test_triton_*.py tests/test_cuda_*.py; do files+=("$f"); done
   for f in tests/test_*.py; do
     case " ${files[*]} " in *" $f "*) continue ;; esac
-    # Not here: the multi-process and example runs (issue 12 leaves them out), this script's own dry run, and
+    # Not here: the multi-process and example runs, this script's own dry run, and
     # the offline compile check (CI's: it compiles for sm_80 and sm_90 on the CPUs the tests need).
     case "$f" in
       tests/test_distributed.py|tests/test_examples.py|tests/test_gpu_session.py|tests/test_gpu_compile.py) continue ;;

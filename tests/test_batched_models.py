@@ -1,4 +1,4 @@
-"""hk.nn.batched on any module vmap runs: the models of issue 14 (every per-sample layer kind in an nn.Sequential, a
+"""hk.nn.batched on any module vmap runs: the models it must match (every per-sample layer kind in an nn.Sequential, a
 residual MLP, a SIREN class, a CNN, a GRUCell stepped over time, learnable activations shared and generated,
 Dropout), against vmap(functional_call(module, ...), randomness="different") in float64: the output and every
 gradient (params flat and dict, x, shared parameters)."""
