@@ -6,6 +6,7 @@ masks, several samples per GEMV program with B not a multiple of them, float16 /
 recompute, the shared-weight batch fold, the split dW reduction, int64 offsets, expanded gradients, the autotune
 pruning, opcheck and torch.compile with backend="triton". The GPU cases at real sizes skip without a GPU.
 """
+import itertools
 import os
 import subprocess
 import sys
@@ -267,6 +268,39 @@ def test_unavailable_reasons_say_how_to_get_it():
     assert "CUDA GPU" in out["no_gpu"] and "TRITON_INTERPRET=1" in out["no_gpu"]
 
 
+# -- float32 dot precision (the GPU's choice, checked by emulating its rounding on CPU) -------------------
+
+
+def _round_tf32(x):
+    """float32 -> the nearest TF32 value (10 mantissa bits, ties away from zero), as ``cvt.rna.tf32.f32`` rounds."""
+    return ((x.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+def _tf32x3_matmul(a, b):
+    """Triton's ``input_precision="tf32x3"``: TF32 high parts and TF32 remainders, three exact products (11 x 11
+    mantissa bits fit float32) accumulated in float32, low x low dropped."""
+    ah, bh = _round_tf32(a), _round_tf32(b)
+    al, bl = _round_tf32(a - ah), _round_tf32(b - bh)
+    return (al @ bh + ah @ bl) + ah @ bh
+
+
+@pytest.mark.parametrize("k", [16, 67, 256, 1024])
+def test_tf32x3_is_as_accurate_as_ieee(k):
+    """float32 tiles run tf32x3 on a GPU when PyTorch does not allow TF32 (linear._dot_precision): its error against
+    float64 stays within 2x that of an ieee float32 matmul, where a single TF32 product is far worse."""
+    assert _linear_module()._dot_precision(torch.float32) == ("tf32" if torch.backends.cuda.matmul.allow_tf32
+                                                             else "tf32x3")
+    a, b = torch.randn(128, k), torch.randn(k, 96) / k**0.5
+    ref = a.double() @ b.double()
+
+    def err(out):
+        return ((out.double() - ref).norm() / ref.norm()).item()
+
+    ieee, x3, one = err(a @ b), err(_tf32x3_matmul(a, b)), err(_round_tf32(a) @ _round_tf32(b))
+    assert x3 <= 2 * ieee, (x3, ieee)
+    assert one > 100 * ieee, (one, ieee)  # the emulated rounding is real, so the bound above can fail
+
+
 # -- the autotune pruning (pure Python: the GPU config lists, checked on any machine) --------------------
 
 
@@ -279,35 +313,50 @@ class _Like:
 
 
 @pytest.mark.parametrize("m, k", [(1, 1), (3, 1000), (1000, 3), (16, 16), (33, 17), (256, 256), (512, 4096)])
-def test_gemv_prune_keeps_few_fitting_configs(m, k):
+@pytest.mark.parametrize("elem", [2, 4])
+def test_gemv_prune_keeps_few_fitting_configs(m, k, elem):
+    """Contiguous weights (row stride K): blocks within the widths; rows that are not 16-byte aligned (loaded
+    element by element) get at most _GEMV_UNALIGNED_ELEMS weight elements per thread."""
     linear = _linear_module()
-    kept = linear._gemv_prune(linear._gemv_configs(interpret=False), {"M": m, "K": k})
+    args = {"M": m, "K": k, "w_ptr": _Like(elem), "stride_wm": k, "stride_wk": 1}
+    kept = linear._gemv_prune(linear._gemv_configs(interpret=False), args)
     assert 1 <= len(kept) <= linear._GEMV_MAX_CONFIGS
     for cfg in kept:
         kw = cfg.kwargs
         assert kw["BLOCK_M"] <= max(16, linear._next_pow2(m)) and kw["BLOCK_K"] <= max(16, linear._next_pow2(k))
+        if (k * elem) % 16:
+            per_thread = kw["BLOCK_B"] * kw["BLOCK_M"] * kw["BLOCK_K"] / (32 * cfg.num_warps)
+            assert per_thread <= linear._GEMV_UNALIGNED_ELEMS
 
 
 @pytest.mark.parametrize("n, m, k", [(2, 3, 5), (5, 64, 64), (1024, 128, 128), (4096, 256, 256), (65536, 32, 32),
-                                     (100000, 3, 3)])
+                                     (100000, 3, 3), (4096, 65, 33)])
 @pytest.mark.parametrize("elem", [2, 4])
 def test_gemm_prune_keeps_fitting_configs(n, m, k, elem):
     linear = _linear_module()
     dims = {"BLOCK_N": "N", "BLOCK_M": "M", "BLOCK_K": "K"}
     kernels = [(("BLOCK_N", "BLOCK_M", "BLOCK_K"), False), (("BLOCK_N", "BLOCK_K", "BLOCK_M"), True),
                (("BLOCK_M", "BLOCK_K", "BLOCK_N"), True)]  # forward, dx, dW
-    for roles, forms_dz in kernels:
-        prune = linear._gemm_prune(*roles, dims, "x_ptr", forms_dz=forms_dz)
-        args = {"N": n, "M": m, "K": k, "x_ptr": _Like(elem), "LOAD_Z": True}
+    precisions = ["ieee"] if elem == 2 else ["tf32", "tf32x3"]
+    for (roles, forms_dz), precision in itertools.product(kernels, precisions):
+        prune = linear._gemm_prune(*roles, dims, "x_ptr", forms_dz=forms_dz, operand_strides=("stride_xn",))
+        args = {"N": n, "M": m, "K": k, "x_ptr": _Like(elem), "LOAD_Z": True, "DOT_PRECISION": precision,
+                "stride_xn": k}
         kept = prune(linear._gemm_configs(*roles, interpret=False), args)
         assert 1 <= len(kept) <= 8
         rows, cols, red = roles
+        staged = elem == 2 and k % 2 == 1  # odd 16-bit rows: every pipeline stage is held in registers
         for cfg in kept:
             kw = cfg.kwargs
             tiles = (2 * kw[rows] if forms_dz else kw[rows]) + kw[cols]
             assert cfg.num_stages * tiles * kw[red] * elem <= linear._SMEM_BUDGET
             if forms_dz:
                 assert kw[rows] * kw[red] <= 32 * 32 * cfg.num_warps
+            per_operand = {2: 0.5, 4: 2.0}[elem] * (cfg.num_stages if staged else 1)
+            registers = (kw[rows] * kw[cols] + tiles * kw[red] * per_operand) / (32 * cfg.num_warps)
+            assert registers <= linear._REGISTER_BUDGET, (cfg, registers)
+            if elem == 2:
+                assert (kw[rows], kw[cols], kw[red], cfg.num_warps, cfg.num_stages) not in linear._GEMM_TILES_F32
 
 
 # -- GPU, real sizes -------------------------------------------------------------------------------------

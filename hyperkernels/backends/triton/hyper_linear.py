@@ -35,9 +35,9 @@ would otherwise recompute the activation's derivative as often.
 Nothing of size ``B*out*in`` exists at any point; the temporaries are ``dz``, the ``(O, K, I)`` copy of ``G_W``
 and, for ``dh``, a float32 ``(B, N, K)`` buffer summed over ``N`` (deterministic, unlike atomics).
 
-Grids are 1-D (no axis can overflow); row indices and per-row offsets are int64 (``B*N*in`` may pass 2^31);
-offsets into ``G`` stay int32 unless ``G`` itself spans 2^31 elements (``INDEX64``). bfloat16 tiles are
-upcast before ``tl.dot`` only under the interpreter (Triton issue 11584).
+Grids are 1-D (no axis can overflow); row indices, per-row offsets and the dG split slices' offsets are int64
+(``B*N*in`` may pass 2^31); offsets into ``G`` stay int32 unless ``G`` itself spans 2^31 elements (``INDEX64``).
+bfloat16 tiles are upcast before ``tl.dot`` only under the interpreter (Triton issue 11584).
 """
 from __future__ import annotations
 
@@ -50,16 +50,17 @@ from torch import Tensor
 
 from ...activations import ACTIVATIONS, Activation
 from .activations import activation_forward, activation_grad
+from ._compat import loop_bound
 from .linear import (
     _INTERPRETER_GEMM_TILE,
     _MIN_ROWS_PER_SPLIT,
     INTERPRET,
     _check_grid,
     _device_guard,
+    _device_sms,
     _dot_precision,
     _gemm_prune,
     _n_bucket,
-    _sm_count,
     _upcast,
 )
 
@@ -109,7 +110,7 @@ def _extra_dot(acc, rows_ptr, stride_col, size, e_ptr, stride_ep, stride_ec, off
                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr):
     """acc += t[r, :size] @ E[:size, c]: a plain GEMM term, ``t`` addressed by per-row pointers."""
     offs = tl.arange(0, BLOCK)
-    for p0 in range(0, size, BLOCK):
+    for p0 in range(0, loop_bound(size), BLOCK):
         p = p0 + offs
         mask_p = p < size
         tv = tl.load(rows_ptr[:, None] + p[None, :] * stride_col, mask=mask_r[:, None] & mask_p[None, :], other=0.0)
@@ -127,7 +128,8 @@ def _extra_dot(acc, rows_ptr, stride_col, size, e_ptr, stride_ep, stride_ec, off
     configs=_configs("BLOCK_R", "BLOCK_C", "BLOCK_J"),
     key=["C", "P", "Q", "R_BUCKET", "ROLE"],
     prune_configs_by={"early_config_prune": _gemm_prune(
-        "BLOCK_R", "BLOCK_C", "BLOCK_J", {"BLOCK_R": "R", "BLOCK_C": "C", "BLOCK_J": "PQ"}, "g_ptr")},
+        "BLOCK_R", "BLOCK_C", "BLOCK_J", {"BLOCK_R": "R", "BLOCK_C": "C", "BLOCK_J": "PQ"}, "g_ptr",
+        operand_strides=("stride_gf", "stride_gc"))},
 )
 @triton.jit
 def _row_gemm_kernel(
@@ -169,7 +171,7 @@ def _row_gemm_kernel(
     g_ptrs = g_ptr + offs_j[:, None] * stride_gf + offs_c[None, :] * stride_gc
 
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for f0 in range(0, PQ, BLOCK_J):
+    for f0 in range(0, loop_bound(PQ), BLOCK_J):
         f = f0 + tl.arange(0, BLOCK_J)
         mask_f = f < PQ
         mask = mask_r[:, None] & mask_f[None, :]
@@ -204,7 +206,8 @@ def _row_gemm_kernel(
     configs=_configs("BLOCK_C", "BLOCK_J", "BLOCK_R"),
     key=["C", "P", "Q", "R_BUCKET", "ROLE"],
     prune_configs_by={"early_config_prune": _gemm_prune(
-        "BLOCK_C", "BLOCK_J", "BLOCK_R", {"BLOCK_C": "C", "BLOCK_J": "PQ", "BLOCK_R": "R"}, "dz_ptr")},
+        "BLOCK_C", "BLOCK_J", "BLOCK_R", {"BLOCK_C": "C", "BLOCK_J": "PQ", "BLOCK_R": "R"}, "dz_ptr",
+        operand_strides=("stride_dzr", "stride_dzc"))},
 )
 @triton.jit
 def _dg_kernel(
@@ -242,7 +245,7 @@ def _dg_kernel(
     r_stop = tl.minimum(R, r_start + R_PER_SPLIT)
     rel_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_C, BLOCK_J), dtype=tl.float32)
-    for r0 in range(r_start, r_stop, BLOCK_R):
+    for r0 in range(loop_bound(r_start), loop_bound(r_stop), BLOCK_R):
         offs_r = r0 + rel_r
         mask_r = offs_r < r_stop
         dzt = tl.load(dz_ptr + offs_r[None, :] * stride_dzr + offs_c[:, None] * stride_dzc,
@@ -264,7 +267,8 @@ def _dg_kernel(
             w = w.to(tl.float32)
         acc = tl.dot(dzt, w, acc, input_precision=DOT_PRECISION)
 
-    out = out_ptr + split * stride_os + offs_c[:, None] * stride_oc + f[None, :] * stride_of
+    # A split's slice is a base offset: int64 (splits x C x P*Q may pass 2^31 where one slice does not).
+    out = out_ptr + split.to(tl.int64) * stride_os + offs_c[:, None] * stride_oc + f[None, :] * stride_of
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_f[None, :])
 
 
@@ -287,7 +291,7 @@ def _dz_kernel(
     g_rows = g_ptr + b * stride_gb + n * stride_gn
     y_rows = y_ptr + b * stride_yb + n * stride_yn
     z_rows = z_ptr + b * stride_zb + n * stride_zn
-    for o0 in range(0, O, BLOCK_O):
+    for o0 in range(0, loop_bound(O), BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
         mask = mask_r[:, None] & (offs_o < O)[None, :]
         g = tl.load(g_rows[:, None] + offs_o[None, :] * stride_go, mask=mask, other=0.0)
@@ -306,8 +310,10 @@ def _dz_kernel(
 # ------------------------------------------------------------------------------------------------------
 
 _INT32_MAX = 2**31 - 1
-# _dz_kernel's tile: 32 rows x 128 outputs is 4096 elements in flight per program, plenty for an elementwise pass.
-_DZ_BLOCK_R, _DZ_BLOCK_O = 32, 128
+# _dz_kernel's tile: 32 rows x 128 outputs is 4096 elements in flight per program, plenty for an elementwise pass,
+# over 8 warps: 16 elements per thread (4 warps' 32, each with its own addresses where rows are unaligned, spilled
+# 40-64 B with gelu at 11 outputs in sm_90 builds of triton 3.6 and 3.9; 8 warps: none).
+_DZ_BLOCK_R, _DZ_BLOCK_O, _DZ_WARPS = 32, 128, 8
 
 
 def _extent(t: Optional[Tensor]) -> int:
@@ -363,9 +369,9 @@ def _dg_splits(c: int, pq: int, rows: int, device: torch.device) -> int:
     """How many slices of the rows the dG kernel splits into: more than one only when one program per 64x64
     output tile would leave most of the GPU idle and there are rows enough to share (the bias terms are a few
     tiles, each reducing over all B*N rows)."""
-    if device.type != "cuda" or rows < 2 * _MIN_ROWS_PER_SPLIT:
+    sms = _device_sms(device)
+    if sms is None or rows < 2 * _MIN_ROWS_PER_SPLIT:
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     tiles = triton.cdiv(c, 64) * triton.cdiv(pq, 64)
     if tiles >= 2 * sms:
         return 1
@@ -459,6 +465,7 @@ def hyper_linear_backward(grad_y: Tensor, x: Tensor, h: Tensor, head_weight: Ten
         _dz_kernel[(_check_grid(triton.cdiv(r, _DZ_BLOCK_R)),)](
             grad_y, yv, zv, dz, r, n, o, *grad_y.stride(), *yv.stride(), *zv.stride(), w0,
             ACT=act.code, LOAD_Y=load_y, LOAD_Z=load_z, BLOCK_R=_DZ_BLOCK_R, BLOCK_O=_DZ_BLOCK_O,
+            num_warps=_DZ_WARPS,
         )
         dz2 = dz.view(r, o)
 

@@ -26,8 +26,9 @@ launchers fold the batch into the rows and run the GEMM kernels on it.
 
 Grids are 1-D: ``B`` times the tiles of one sample, sample outermost, so the tiles of one sample run side by
 side and share its weight in L2, and no grid axis can overflow (axis 0 allows 2^31 - 1 programs; axes 1 and 2
-only 65535). Per-sample base offsets are computed in int64 (``B * N * K`` may pass 2^31); offsets inside one
-sample stay int32 unless one sample alone spans 2^31 elements (``INDEX64``).
+only 65535). Per-sample base offsets, and those of the dW kernel's split slices, are computed in int64
+(``B * N * K`` may pass 2^31); offsets inside one sample stay int32 unless one sample alone spans 2^31 elements
+(``INDEX64``).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from torch import Tensor
 from ...activations import ACTIVATIONS, Activation
 from .activations import activation_forward, activation_grad
 
+from ._compat import loop_bound
 from ._config import AUTOTUNE, INTERPRET
 
 _ACT_NONE = ACTIVATIONS["none"]
@@ -77,6 +79,13 @@ _GEMM_TILES = [
     (256, 64, 32, 8, 3),
     (128, 32, 32, 4, 4),
 ]
+# float32 only: the tiles above that fit _REGISTER_BUDGET at tf32x3 are few (64 x 64 x 32 on 4 warps and smaller),
+# so these spread 64-128 wide tiles over 8 warps. 16-bit operands have the tiles above.
+_GEMM_TILES_F32 = [
+    (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
+    (64, 64, 32, 8, 4),
+]
 # The interpreter runs one program at a time in numpy: few, large programs are fastest there. Autotuning with
 # more than one config cannot run on CPU at all (it benchmarks with a GPU timer), so it gets this one.
 _INTERPRETER_GEMM_TILE = (32, 32, 32, 4, 1)
@@ -84,6 +93,17 @@ _INTERPRETER_GEMM_TILE = (32, 32, 32, 4, 1)
 # Shared memory a GEMM config may ask for per program: below the 164 KiB of an A100 and the 227 KiB of an
 # H100, with room for the epilogue's layout conversion.
 _SMEM_BUDGET = 160 * 1024
+
+# Registers per thread a GEMM config may need, estimated as its float32 accumulator plus one stage of its operand
+# tiles: 16-bit operands pack two to a register, float32 ones take two (tf32x3 holds a TF32 high part and a
+# remainder of each; tf32 holds one, but counted so its tiles spilled 40-244 B at unaligned shapes on sm_90, so
+# float32 gets the same tiles at either precision). Read off sm_90 builds (tests/offline_compile.py): float32 tiles
+# above it spilled with gelu on unaligned shapes (tf32x3: 64x128x32 on 4 warps 364 B, 64x64x64 600-1950 B, the dW
+# kernel's 64x64x32 on 4 warps, at 128, 12 B; ieee likewise); every 16-bit tile of the table is within it where
+# rows are aligned. At
+# odd strides, 16-bit tiles hold every pipeline stage in registers (bfloat16, 33 x 65 x 33: 64x128x32 on 4 warps
+# and 4 stages 200 B, the dx and dW kernels' 64-deep tiles 1-2.4 KB), which the estimate counts.
+_REGISTER_BUDGET = 112
 
 # GEMV tiles: (elements per program, num_warps). 4096-8192 elements keep 32-64 loads in flight per thread,
 # enough to cover memory latency; the split of those elements between samples, rows and columns is
@@ -105,13 +125,14 @@ def _n_bucket(n: int) -> int:
 
 
 def _gemm_configs(rows: str, cols: str, red: str, interpret: bool = INTERPRET) -> list[triton.Config]:
-    tiles = [_INTERPRETER_GEMM_TILE] if interpret else _GEMM_TILES
+    tiles = [_INTERPRETER_GEMM_TILE] if interpret else _GEMM_TILES + _GEMM_TILES_F32
     return [
         triton.Config({rows: r, cols: c, red: k}, num_warps=w, num_stages=s) for r, c, k, w, s in tiles
     ]
 
 
-def _gemm_prune(rows: str, cols: str, red: str, dims: dict[str, str], dtype_arg: str, forms_dz: bool = False):
+def _gemm_prune(rows: str, cols: str, red: str, dims: dict[str, str], dtype_arg: str, forms_dz: bool = False,
+                operand_strides: tuple = ()):
     """An ``early_config_prune`` for a GEMM kernel; ``dims`` maps each block name to the size argument it
     tiles. Keeps the configs that fit in shared memory, whose tiles overshoot the problem least (sizes rounded
     up to a power of two, at least 16, tl.dot's smallest), and, among those, whose output tile is not needlessly
@@ -120,13 +141,19 @@ def _gemm_prune(rows: str, cols: str, red: str, dims: dict[str, str], dtype_arg:
     ``forms_dz``: the kernel's left operand is dz = grad_y * f'(.), a (rows x red) tile streamed from grad_y and
     from y or preact and turned into dz in registers. That costs a second pipelined tile of shared memory, and
     more than 32 of its elements per thread spill registers (seen in sm_90 builds with gelu), so both are
-    bounded."""
+    bounded. Every config must also fit ``_REGISTER_BUDGET`` at the kernel's dot precision, counting every pipeline
+    stage when a 16-bit operand's ``operand_strides`` (stride argument names) are odd. (The autotune key holds the
+    sizes, not the strides: a process that meets one layer's sizes at two alignments keeps the first one's pick.)"""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         elem = args[dtype_arg].element_size()
         need = {name: max(16, _next_pow2(args[size])) for name, size in dims.items()}
         second = 1 if forms_dz and (args.get("LOAD_Y") or args.get("LOAD_Z")) else 0
+        operand_registers = _operand_registers(elem)
+        # 16-bit rows at an odd element stride are only 2-byte aligned: too little for the asynchronous copies that
+        # pipeline tiles through shared memory, so every stage in flight is held in registers instead.
+        staged = elem == 2 and any(args[name] % 2 for name in operand_strides)
 
         def overshoot(cfg):
             f = 1
@@ -136,9 +163,15 @@ def _gemm_prune(rows: str, cols: str, red: str, dims: dict[str, str], dtype_arg:
 
         def fits(cfg):
             kw = cfg.kwargs
-            smem = cfg.num_stages * (kw[rows] * (1 + second) + kw[cols]) * kw[red] * elem
-            registers = not forms_dz or kw[rows] * kw[red] <= 32 * 32 * cfg.num_warps
-            return smem <= _SMEM_BUDGET and registers
+            if elem == 2 and (kw[rows], kw[cols], kw[red], cfg.num_warps, cfg.num_stages) in _F32_ONLY:
+                return False
+            operands = (kw[rows] * (1 + second) + kw[cols]) * kw[red]
+            smem = cfg.num_stages * operands * elem
+            threads = 32 * cfg.num_warps
+            in_flight = operands * operand_registers * (cfg.num_stages if staged else 1)
+            registers = (kw[rows] * kw[cols] + in_flight) / threads <= _REGISTER_BUDGET
+            dz_tile = not forms_dz or kw[rows] * kw[red] <= 32 * threads
+            return smem <= _SMEM_BUDGET and registers and dz_tile
 
         def big_enough(cfg):
             kw = cfg.kwargs
@@ -149,9 +182,18 @@ def _gemm_prune(rows: str, cols: str, red: str, dims: dict[str, str], dtype_arg:
         least = min(overshoot(c) for c in kept)
         kept = [c for c in kept if overshoot(c) == least]
         kept = [c for c in kept if big_enough(c)] or kept
-        return kept if AUTOTUNE else kept[:1]
+        return kept[:_GEMM_MAX_CONFIGS] if AUTOTUNE else kept[:1]
 
     return prune
+
+
+_F32_ONLY = set(_GEMM_TILES_F32)
+_GEMM_MAX_CONFIGS = 8  # benchmarked per shape on first use
+
+
+def _operand_registers(elem: int) -> float:
+    """Registers per operand element in a tensor-core dot, as ``_REGISTER_BUDGET`` counts them."""
+    return 0.5 if elem == 2 else 2.0
 
 
 def _gemv_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
@@ -171,6 +213,7 @@ def _gemv_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
 
 
 _GEMV_MAX_CONFIGS = 8  # benchmarked per (M, K, dtype) on first use; more than this costs seconds
+_GEMV_UNALIGNED_ELEMS = 32  # weight elements per thread where each needs its own address (see _gemv_prune)
 
 
 def _gemv_prune(configs, named_args, **kwargs):
@@ -201,12 +244,22 @@ def _gemv_prune(configs, named_args, **kwargs):
         bb, bm, bk = blocks(cfg)
         return bb == 1 or bm >= m or bk >= k
 
+    # A weight whose rows are not 16-byte aligned (or not contiguous) is loaded element by element, each with its
+    # own 64-bit address: 64 elements per thread then spill (sm_80 / sm_90, K = 33: ~300 B), 32 do not.
+    elem = args["w_ptr"].element_size()
+    unaligned = args["stride_wk"] != 1 or (args["stride_wm"] * elem) % 16 != 0
+
+    def per_thread_ok(cfg):
+        bb, bm, bk = blocks(cfg)
+        return not unaligned or bb * bm * bk <= _GEMV_UNALIGNED_ELEMS * 32 * cfg.num_warps
+
     tiers = [
         lambda c: fits(c) and wide(c) and one_sample_or_whole(c),
         lambda c: fits(c) and one_sample_or_whole(c),
         lambda c: fits(c) and one_sample_or_all_rows(c),
         fits,
     ]
+    configs = [c for c in configs if per_thread_ok(c)] or list(configs)
     kept = list(configs)
     for tier in tiers:
         if any(tier(c) for c in configs):
@@ -245,7 +298,8 @@ def _load_dz(g_ptrs, y_ptrs, z_ptrs, mask, w0,
     configs=_gemm_configs("BLOCK_N", "BLOCK_M", "BLOCK_K"),
     key=["M", "K", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _gemm_prune(
-        "BLOCK_N", "BLOCK_M", "BLOCK_K", {"BLOCK_N": "N", "BLOCK_M": "M", "BLOCK_K": "K"}, "x_ptr")},
+        "BLOCK_N", "BLOCK_M", "BLOCK_K", {"BLOCK_N": "N", "BLOCK_M": "M", "BLOCK_K": "K"}, "x_ptr",
+        operand_strides=("stride_xn", "stride_xk", "stride_wm", "stride_wk"))},
 )
 @triton.jit
 def _fwd_gemm_kernel(
@@ -281,7 +335,7 @@ def _fwd_gemm_kernel(
     x_ptrs = x_ptr + b * stride_xb + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + b * stride_wb + offs_k[:, None] * stride_wk + offs_m[None, :] * stride_wm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+    for kk in range(0, loop_bound(tl.cdiv(K, BLOCK_K))):
         k_left = K - kk * BLOCK_K
         a = tl.load(x_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < k_left), other=0.0)
         w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_m[None, :], other=0.0)
@@ -341,7 +395,7 @@ def _fwd_gemv_kernel(
     w_ptrs = w_ptr + (rows[:, None] * stride_wb + offs_m[None, :] * stride_wm)[:, :, None] \
         + offs_k[None, None, :] * stride_wk
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+    for kk in range(0, loop_bound(tl.cdiv(K, BLOCK_K))):
         mask_k = offs_k < K - kk * BLOCK_K
         xv = tl.load(x_ptrs, mask=mask_b[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         wv = tl.load(w_ptrs, mask=mask_bm[:, :, None] & mask_k[None, None, :], other=0.0).to(tl.float32)
@@ -404,7 +458,7 @@ def _bwd_gemv_kernel(
         xv = tl.load(x_ptr + rows[:, None] * stride_xb + offs_k[None, :] * stride_xk, mask=mask_bk, other=0.0)
         xv = xv.to(tl.float32)
     acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
-    for mm in range(0, tl.cdiv(M, BLOCK_M)):
+    for mm in range(0, loop_bound(tl.cdiv(M, BLOCK_M))):
         cur_m = mm * BLOCK_M + offs_m
         mask_bm = mask_b[:, None] & (cur_m < M)[None, :]
         dz = _load_dz(g_ptr + rows[:, None] * stride_gb + cur_m[None, :] * stride_gm,
@@ -434,7 +488,9 @@ def _bwd_gemv_kernel(
     configs=_gemm_configs("BLOCK_N", "BLOCK_K", "BLOCK_M"),
     key=["M", "K", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _gemm_prune(
-        "BLOCK_N", "BLOCK_K", "BLOCK_M", {"BLOCK_N": "N", "BLOCK_M": "M", "BLOCK_K": "K"}, "w_ptr", forms_dz=True)},
+        "BLOCK_N", "BLOCK_K", "BLOCK_M", {"BLOCK_N": "N", "BLOCK_M": "M", "BLOCK_K": "K"}, "w_ptr", forms_dz=True,
+        operand_strides=("stride_gn", "stride_gm", "stride_wm", "stride_wk", "stride_yn", "stride_ym", "stride_zn",
+                         "stride_zm"))},
 )
 @triton.jit
 def _bwd_dx_gemm_kernel(
@@ -472,7 +528,7 @@ def _bwd_dx_gemm_kernel(
     z_ptrs = z_ptr + b * stride_zb + offs_n[:, None] * stride_zn + offs_m[None, :] * stride_zm
     w_ptrs = w_ptr + b * stride_wb + offs_m[:, None] * stride_wm + offs_k[None, :] * stride_wk
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for mm in range(0, tl.cdiv(M, BLOCK_M)):
+    for mm in range(0, loop_bound(tl.cdiv(M, BLOCK_M))):
         m_left = M - mm * BLOCK_M
         dz = _load_dz(g_ptrs, y_ptrs, z_ptrs, mask_n[:, None] & (offs_m[None, :] < m_left), w0,
                       ACT, LOAD_Y, LOAD_Z)
@@ -495,7 +551,9 @@ def _bwd_dx_gemm_kernel(
     configs=_gemm_configs("BLOCK_M", "BLOCK_K", "BLOCK_N"),
     key=["M", "K", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _gemm_prune(
-        "BLOCK_M", "BLOCK_K", "BLOCK_N", {"BLOCK_N": "N", "BLOCK_M": "M", "BLOCK_K": "K"}, "x_ptr", forms_dz=True)},
+        "BLOCK_M", "BLOCK_K", "BLOCK_N", {"BLOCK_N": "N", "BLOCK_M": "M", "BLOCK_K": "K"}, "x_ptr", forms_dz=True,
+        operand_strides=("stride_gn", "stride_gm", "stride_xn", "stride_xk", "stride_yn", "stride_ym", "stride_zn",
+                         "stride_zm"))},
 )
 @triton.jit
 def _bwd_dw_gemm_kernel(
@@ -548,7 +606,7 @@ def _bwd_dw_gemm_kernel(
     x_ptrs = x_ptr + b * stride_xb + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     db = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(n_start, n_stop, BLOCK_N):
+    for n0 in range(loop_bound(n_start), loop_bound(n_stop), BLOCK_N):
         n_left = n_stop - n0
         dz = _load_dz(g_ptrs, y_ptrs, z_ptrs, mask_m[:, None] & (rel_n[None, :] < n_left), w0,
                       ACT, LOAD_Y, LOAD_Z)
@@ -567,11 +625,13 @@ def _bwd_dw_gemm_kernel(
         x_ptrs += BLOCK_N * stride_xn
 
     if NEED_DW:
-        out = dw_ptr + split * stride_dws + b * stride_dwb + offs_m[:, None] * stride_dwm + offs_k[None, :] * stride_dwk
+        # A split's slice is a base offset like a sample's: int64 (splits x B x M x K may pass 2^31).
+        out = dw_ptr + split.to(tl.int64) * stride_dws + b * stride_dwb + offs_m[:, None] * stride_dwm \
+            + offs_k[None, :] * stride_dwk
         tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
     if NEED_DB:
         if pid_k == 0:
-            tl.store(db_ptr + split * stride_dbs + b * stride_dbb + offs_m * stride_dbm,
+            tl.store(db_ptr + split.to(tl.int64) * stride_dbs + b * stride_dbb + offs_m * stride_dbm,
                      db.to(db_ptr.dtype.element_ty), mask=mask_m)
 
 
@@ -603,14 +663,22 @@ def _fold_batch(t: Tensor) -> Tensor:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """tf32 for float32 exactly when PyTorch's own matmuls may use it; other dtypes ignore the setting."""
+    """float32 dots: ``tf32`` exactly when PyTorch's own matmuls may use it, else ``tf32x3``; other dtypes ignore it.
+
+    ``tf32x3`` splits each operand into a TF32 high part and a TF32 remainder and sums three tensor-core products
+    (dropping low x low): float32 accuracy at tensor-core speed. Measured against a float64 reference by emulating
+    the rounding on CPU (``test_tf32x3_is_as_accurate_as_ieee`` in tests/test_triton_linear.py): 1.0-1.4x the error
+    of an ieee float32 matmul for depths 16-1024, where one TF32 product is ~1000x worse. ``ieee`` runs on CUDA cores
+    with the whole tile's operands in registers: the tiles tuned for tensor cores spilled kilobytes there (sm_90
+    builds, tests/offline_compile.py), and it is slower anyway (67 against ~165 effective TFLOP/s on an H100).
+    The interpreter computes every precision in float32."""
     if dtype != torch.float32:
         return "ieee"
     try:
         allowed = torch.backends.cuda.matmul.allow_tf32
     except RuntimeError:  # the legacy flag refuses to answer once the new API has been used as well
         allowed = getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "tf32"
-    return "tf32" if allowed else "ieee"
+    return "tf32" if allowed else "tf32x3"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -628,12 +696,21 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _device_sms(device: torch.device) -> Optional[int]:
+    """The SM count of a CUDA device; None elsewhere (CPU tensors under the interpreter, where parallelism is moot).
+    The one place the launchers learn the GPU's size: the offline compile check (tests/offline_compile.py) replaces
+    it to take the GPU paths (split reductions, atomic dW) without a GPU."""
+    if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _dw_splits(batch: int, m: int, k: int, n: int, device: torch.device) -> int:
     """How many slices of the tokens the dW kernel splits into: more than one only when one tile per
     (sample, 64x64 block of dW) would leave most of the GPU idle and there are tokens enough to share."""
-    if device.type != "cuda" or n < 2 * _MIN_ROWS_PER_SPLIT:
+    sms = _device_sms(device)
+    if sms is None or n < 2 * _MIN_ROWS_PER_SPLIT:
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     tiles = batch * triton.cdiv(m, 64) * triton.cdiv(k, 64)
     if tiles >= 2 * sms:
         return 1

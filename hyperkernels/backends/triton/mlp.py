@@ -19,8 +19,9 @@ Two regimes, like the per-sample linear kernels:
   pass per program over the layers, last to first: each weight chunk is read once for ``dh = W^T dz`` and the
   matching ``dW = dz h^T`` chunk written in the same step (coalesced: dW rows are contiguous in ``dparams``).
 * ``N > 1``: a program owns one tile of ``BLOCK_N`` points of one sample and runs every layer with ``tl.dot``
-  (float32 accumulation; tf32 for float32 inputs exactly when PyTorch's matmuls may use it): each weight is read
-  once per program (from L2 for all but the first program of a sample: a sample's tiles are adjacent in the grid).
+  (float32 accumulation; float32 inputs as tf32 exactly when PyTorch's matmuls may use it, else tf32x3): each
+  weight is read once per program (from L2 for all but the first program of a sample: a sample's tiles are adjacent
+  in the grid).
 
 What the backward needs, recompute or keep (``mlp_keeps_hidden(single_point)``: keep for ``N == 1`` only):
 
@@ -52,7 +53,8 @@ Either way a tile of ``BLOCK_N`` points moves ``4 * P`` bytes of dW partials for
 why the backward prefers large tiles where registers allow.
 
 Indices: 1-D grids, sample outermost (no grid axis limit matters: axis 0 allows 2^31 - 1 programs); per-sample base
-offsets in int64; offsets inside one sample in int32 unless one sample spans 2^31 elements (``INDEX64``).
+offsets (and per-split ones of the dW buffer) in int64; offsets inside one sample in int32 unless one sample spans
+2^31 elements (``INDEX64``).
 """
 from __future__ import annotations
 
@@ -65,8 +67,9 @@ from ...activations import Activation
 from ...layout import MLPSpec
 from ..torch import mlp as torch_mlp
 from .activations import activation_forward, activation_grad
+from ._compat import loop_bound
 from ._config import AUTOTUNE, INTERPRET
-from .linear import _check_grid, _device_guard, _dot_precision, _n_bucket, _next_pow2, _sm_count, _upcast
+from .linear import _check_grid, _device_guard, _device_sms, _dot_precision, _n_bucket, _next_pow2, _upcast
 
 # The widest layer the kernels take (in, hidden and out alike). ``hyperkernels._dispatch`` keeps the same number
 # for ``backend="auto"``.
@@ -89,22 +92,27 @@ _GEMV_ELEMS_PER_THREAD = 32
 # The interpreter runs one program at a time in numpy: few, large programs, unchunked layers.
 _INTERPRETER_GEMV = dict(BLOCK_B=16, TILE=2**16)
 
-# GEMM (N > 1): (BLOCK_N points per program, num_warps), the candidates by the widest padded layer and the element
-# size, best first. Read off sm_90 builds (registers and spills, Triton 3.6 and 3.9) of the bench nets
-# [2, 64, 64, 64, 3] and [2, 128, 128, 128, 3] with relu and gelu and of [256, 100, 256]: the backward holds every
-# layer's input of its tile (and the pre-activations gelu / silu / sine need) in registers while it runs, so its
-# tiles shrink with the width; with 4 warps it spills at width 64 where 8 warps do not. Where every candidate spills
-# (float32 at width 128: tf32 operands take twice the registers) the ones that spill least are listed. Not yet
-# timed on a GPU: the autotuner measures these.
+# GEMM (N > 1): (BLOCK_N points per program, num_warps), the candidates by the widest padded layer and the dots'
+# operand class, best first: 2 (16-bit), 4 (float32 with tf32 dots), "tf32x3" (float32, the default: see
+# linear._dot_precision). Read off sm_90 builds (registers and spills: tests/offline_compile.py, Triton 3.9; first
+# from 3.6 and 3.9 builds of 16-bit nets) of [2, 64, 64, 64, 3], [2, 128, 128, 128, 3] and [256, 100, 256] with
+# gelu (the most registers) and relu: the backward holds every layer's input of its tile (and the pre-activations
+# gelu / silu / sine need) in registers while it runs, so its tiles shrink with the width; with 4 warps it spills at
+# width 64 where 8 warps do not. The tf32x3 backward spills at every tile tried (16-64 points, 4 or 8 warps, 16-128
+# row chunks: 164-3400 B at widths 64-256), and so does its forward at width 256; the least-spilling are listed
+# (bench/results/gpu_resources.md has every number, tests/offline_compile.py's SPILL_EXCEPTIONS the allowances).
+# Not yet timed on a GPU: the autotuner measures these.
 _GEMM_FWD_CANDIDATES = {
     (64, 2): [(64, 4), (128, 8), (64, 8)], (64, 4): [(64, 4), (128, 8), (64, 8)],
     (128, 2): [(64, 4), (128, 8), (64, 8)], (128, 4): [(64, 8), (32, 4), (16, 4)],
     (256, 2): [(32, 4), (16, 4)], (256, 4): [(32, 4), (16, 4)],
+    (64, "tf32x3"): [(64, 4), (64, 8)], (128, "tf32x3"): [(16, 4)], (256, "tf32x3"): [(16, 8), (16, 4)],
 }
 _GEMM_BWD_CANDIDATES = {
     (64, 2): [(64, 8), (128, 8), (32, 8)], (64, 4): [(64, 8), (32, 8), (16, 4)],
-    (128, 2): [(32, 4), (16, 4), (64, 8)], (128, 4): [(16, 4), (32, 8)],
+    (128, 2): [(16, 4), (32, 4)], (128, 4): [(16, 8), (16, 4)],
     (256, 2): [(16, 4), (32, 4)], (256, 4): [(16, 4)],
+    (64, "tf32x3"): [(16, 8), (32, 8)], (128, "tf32x3"): [(16, 8), (32, 8)], (256, "tf32x3"): [(16, 8)],
 }
 _GEMM_FWD_CONFIGS = sorted({c for cands in _GEMM_FWD_CANDIDATES.values() for c in cands})
 _GEMM_BWD_CONFIGS = sorted({c for cands in _GEMM_BWD_CANDIDATES.values() for c in cands})
@@ -113,10 +121,13 @@ _INTERPRETER_GEMM = dict(BLOCK_N=32)
 # memory (tl.dot's right operand): chunks of whole rows bound the registers that staging takes. sm_90 builds of the
 # backward (which holds the layer inputs of its tile meanwhile) stop spilling at 16 KiB chunks for width 128 in
 # bfloat16; the forward holds nothing else and takes 32 KiB (a whole 128 x 128 bfloat16 layer). The dW chunk is the
-# float32 accumulator of dz^T h (rows x K) in registers.
+# float32 accumulator of dz^T h (rows x K) in registers. tf32x3 holds two float32 values per operand element (see
+# _operand_bytes), and float32's backward needs both chunks halved again: at width 128 (sm_90, gelu, 16 points)
+# that takes tf32 from 444 B of spills to none, and tf32x3 from 1636 B to 272 B.
 _FWD_W_CHUNK_BYTES = 32 * 1024
 _BWD_W_CHUNK_BYTES = 16 * 1024
 _BWD_DW_CHUNK = 32 * 64
+_F32_BWD_SHRINK = 2
 # Points per program below which splitting a sample's tiles over more programs is not worth a float32 partial row.
 _MIN_POINTS_PER_SPLIT = 128
 
@@ -165,15 +176,23 @@ def _gemm_configs(table, interpret: bool = INTERPRET) -> list:
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=1) for bn, w in table]
 
 
+def _operand_class(elem: int, precision) -> object:
+    """The key of a GEMM candidate table: 2 for 16-bit dots, 4 for float32 with tf32, "tf32x3" for float32 otherwise
+    (also without a precision: it is float32's default)."""
+    if elem == 2:
+        return 2
+    return 4 if precision == "tf32" else "tf32x3"
+
+
 def _gemm_prune(backward: bool):
-    """The candidates of the network's widest layer and element size (widths up to 64 count as 64), without tiles
+    """The candidates of the network's widest layer and operand class (widths up to 64 count as 64), without tiles
     of more points than the problem has."""
     table = _GEMM_BWD_CANDIDATES if backward else _GEMM_FWD_CANDIDATES
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         n, pads, elem = args["N"], args["PADS"], args["x_ptr"].element_size()
-        wanted = table[(max(64, max(pads)), 4 if elem == 4 else 2)]
+        wanted = table[(max(64, max(pads)), _operand_class(elem, args.get("DOT_PRECISION")))]
         by_tile = {(c.kwargs["BLOCK_N"], c.num_warps): c for c in configs}
         kept = [by_tile[t] for t in wanted if t in by_tile and t[0] <= max(16, _next_pow2(n))]
         if not kept:  # fewer points than every candidate's tile: the smallest tile
@@ -187,16 +206,31 @@ def _gemv_chunk_heuristic(args):
     return _gemv_chunks(args["PADS"], args["BLOCK_B"], args["TILE"])
 
 
+def _tf32x3(args) -> bool:
+    return args.get("DOT_PRECISION") == "tf32x3"
+
+
+def _operand_bytes(args) -> int:
+    """Register bytes per weight element on its way to a tl.dot: tf32x3 splits each float32 into two (a TF32 high
+    part and the remainder), so its chunks hold half the elements."""
+    elem = args["x_ptr"].element_size()
+    return 2 * elem if _tf32x3(args) else elem
+
+
 def _fwd_chunk_heuristic(args):
-    return _chunks(args["PADS"], _FWD_W_CHUNK_BYTES // args["x_ptr"].element_size())
+    return _chunks(args["PADS"], _FWD_W_CHUNK_BYTES // _operand_bytes(args))
+
+
+def _f32_shrink(args) -> int:
+    return _F32_BWD_SHRINK if args["x_ptr"].element_size() == 4 else 1
 
 
 def _bwd_fwd_chunk_heuristic(args):
-    return _chunks(args["PADS"], _BWD_W_CHUNK_BYTES // args["x_ptr"].element_size())
+    return _chunks(args["PADS"], _BWD_W_CHUNK_BYTES // (_operand_bytes(args) * _f32_shrink(args)))
 
 
 def _bwd_chunk_heuristic(args):
-    return _chunks(args["PADS"], _BWD_DW_CHUNK)
+    return _chunks(args["PADS"], _BWD_DW_CHUNK // _f32_shrink(args))
 
 
 # Autotune keys: the network (its constexpr tuples select the compiled kernel anyway) and, for the GEMMs, the number
@@ -627,10 +661,10 @@ def _bwd_gemm_kernel(
     t_start = split * per_split
     t_stop = tl.minimum(t_start + per_split, tiles)
     p_row = p_ptr + b * stride_pb
-    dw_row = dw_ptr + b * stride_dwb + split * stride_dws
+    dw_row = dw_ptr + b * stride_dwb + split.to(tl.int64) * stride_dws  # base offsets in int64, like b's
     ok = tl.arange(0, PADS[0])
     om = tl.arange(0, PADS[NUM_LAYERS])
-    for t in range(t_start, t_stop):
+    for t in range(loop_bound(t_start), loop_bound(t_stop)):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         if INDEX64:
             offs_n = offs_n.to(tl.int64)
@@ -778,9 +812,8 @@ def mlp_forward(x: Tensor, params: Tensor, spec: MLPSpec, act: Activation, out_a
 
 def _programs_wanted(device: torch.device) -> int:
     """Programs that keep every SM busy with a few resident each; on CPU (the interpreter) parallelism is moot."""
-    if device.type != "cuda":
-        return 1
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _device_sms(device)
+    return 1 if sms is None else 4 * sms
 
 
 def _dw_mode(batch: int, n: int, need_dw: bool, device: torch.device) -> tuple[bool, int]:
