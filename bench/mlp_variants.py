@@ -89,6 +89,7 @@ def dw_modes(batch, n, sizes, dtype):
 def gemm_configs(batch, n, sizes, dtype, backward):
     """Each candidate alone: the kernel's autotuner is given one config at a time."""
     from hyperkernels.backends.triton import mlp
+    from hyperkernels.backends.triton.linear import _dot_precision
 
     x, flat, common = _problem(batch, n, sizes, dtype)
     y = batched_mlp_op(x, flat, *common, False, "triton")[0]
@@ -96,7 +97,7 @@ def gemm_configs(batch, n, sizes, dtype, backward):
     kernel = mlp._bwd_gemm_kernel if backward else mlp._fwd_gemm_kernel
     pads = tuple(mlp._pad(s) for s in sizes)
     table = mlp._GEMM_BWD_CANDIDATES if backward else mlp._GEMM_FWD_CANDIDATES
-    candidates = table[(max(64, max(pads)), dtype.itemsize if dtype.itemsize == 4 else 2)]
+    candidates = table[(max(64, max(pads)), mlp._operand_class(dtype.itemsize, _dot_precision(dtype)))]
     all_configs = kernel.configs
 
     def with_config(configs):

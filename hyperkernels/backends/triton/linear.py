@@ -670,8 +670,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     the rounding on CPU (``test_tf32x3_is_as_accurate_as_ieee`` in tests/test_triton_linear.py): 1.0-1.4x the error
     of an ieee float32 matmul for depths 16-1024, where one TF32 product is ~1000x worse. ``ieee`` runs on CUDA cores
     with the whole tile's operands in registers: the tiles tuned for tensor cores spilled kilobytes there (sm_90
-    builds, tests/offline_compile.py), and it is slower anyway (67 against ~165 effective TFLOP/s on an H100).
-    The interpreter computes every precision in float32."""
+    builds, tests/offline_compile.py), and CUDA-core FMA has a fraction of the tensor cores' throughput (not yet
+    measured here). The interpreter computes every precision in float32."""
     if dtype != torch.float32:
         return "ieee"
     try:
