@@ -42,7 +42,7 @@ import hyperkernels as hk  # noqa: E402
 from hyperkernels import _dispatch  # noqa: E402
 from hyperkernels._dispatch import GENERATE, HyperShape, Machine  # noqa: E402
 from hyperkernels.backends.torch import hyper_linear as torch_hyper  # noqa: E402
-from timing import synchronize, time_interleaved  # noqa: E402
+from timing import peak_bytes, time_interleaved  # noqa: E402
 
 # (B at N = 1, in, out, K): the issue's layer (a hypernetwork with a 100-wide hidden layer generating
 # Linear(100, 5)), the first layer of the same target (Linear(2, 100)), then out < K, out = K and out > K.
@@ -92,28 +92,6 @@ def _ways(x, h, head_weight, head_bias, out_features, fused_backend, grad):
         return forward_backward
 
     return {"fused": step(fused), GENERATE: step(generate)}
-
-
-def peak_bytes(fn, device: torch.device) -> int:
-    """The most bytes allocated at once during one call of ``fn``, above what was allocated before it."""
-    if device.type == "cuda":
-        synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    peak = current = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak
 
 
 def _work(way: str, fused_backend: str, shape: HyperShape):

@@ -199,14 +199,32 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int,
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """The most bytes allocated at once during one call of ``fn``, above what was allocated before it: CUDA's
+    allocator statistics, or on CPU the allocation events of torch.profiler (it runs ``fn`` under the profiler)."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    peak = current = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
-    """Extra device memory one call of ``fn`` allocates at its peak, above what was allocated before it
-    (CUDA only: the CPU allocator keeps no such count; None there)."""
+    """Extra device memory one call of ``fn`` allocates at its peak, in MiB (CUDA only, None on CPU: the table's
+    rows are not profiled; :func:`peak_bytes` measures a CPU peak where it is wanted)."""
     if device.type != "cuda":
         return None
-    synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return peak_bytes(fn, device) / 2**20

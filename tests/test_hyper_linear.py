@@ -4,6 +4,8 @@ of x, h, head_weight and head_bias; N = 1 and N > 1, with and without either bia
 the torch backend's bounded memory; the Triton backend's variants under the interpreter; the op layer (opcheck,
 gradcheck, double backward, torch.compile, torch.func); bad inputs; the auto rule; GPU cases at real sizes."""
 import itertools
+import os
+import sys
 
 import pytest
 import torch
@@ -19,6 +21,9 @@ from hyperkernels._dispatch import GENERATE, HyperShape, resolve_backend
 from hyperkernels.backends.torch import hyper_linear as torch_hyper
 from hyperkernels.ops import hyper_linear_backward_op, hyper_linear_op
 from reference import FORWARD_RTOL, GRAD_RTOL, assert_close, linear_reference
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import timing  # noqa: E402  (the benchmark's peak-memory measurement, shared with bench/hyper_crossover.py)
 
 ACTIVATIONS = [None, "relu", "gelu", "silu", "tanh", "sigmoid", "sine"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -153,18 +158,8 @@ def test_torch_backend_chunks(monkeypatch, budget):
 
 
 def _peak_cpu_bytes(fn) -> int:
-    """Peak of the bytes allocated and not yet freed during ``fn`` (CPU allocator events of torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    peak = current = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak
+    """Peak of the bytes allocated and not yet freed during ``fn`` (the benchmark's own measurement)."""
+    return timing.peak_bytes(fn, torch.device("cpu"))
 
 
 def test_torch_backend_peak_memory_is_bounded():
