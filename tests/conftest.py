@@ -4,7 +4,7 @@ import os
 import torch
 
 # Triton kernels run on CPU tensors through the interpreter. It must be switched on before the first
-# `import triton` (../shared/TOOLCHAIN.md), so here, before anything imports hyperkernels' Triton backend.
+# `import triton` (set later, it breaks the tl.* helpers), so here, before anything imports hyperkernels' Triton backend.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -3,7 +3,7 @@
 A backend is an object with a ``name`` and, for each op it implements, a forward and a backward
 function. The op layer (``hyperkernels/ops``) calls them; it never looks inside.
 
-Conventions every backend keeps (see ``../shared/DESIGN.md``):
+Conventions every backend keeps:
 
 * Per-sample linear, ``linear_forward(x, weight, bias, act, w0, channel_major, save_preact)``:
   ``x`` is ``(B, N, K)`` (``channel_major=False``, token-major) or ``(B, K, S)`` (``channel_major=True``,
