@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ...activations import ACTIVATIONS, Activation
+from .._precision import tf32_allowed
 from ..torch import linear as torch_linear
 
 _ACT_NONE = ACTIVATIONS["none"]
@@ -50,22 +51,6 @@ def _require_cuda(x: Tensor) -> None:
 def _launch_env(device: torch.device) -> tuple[contextlib.AbstractContextManager, int]:
     """(a context making ``device`` current, torch's current stream on it as a cudaStream_t integer)."""
     return torch.cuda.device(device), torch.cuda.current_stream(device).cuda_stream
-
-
-def allow_tf32() -> bool:
-    """Whether float32 GEMMs may use TF32 tensor cores: exactly when PyTorch's own CUDA matmuls may.
-
-    ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9) is read first: the legacy ``allow_tf32`` setter
-    updates it, while the legacy getter raises once the new API has been used. It resolves "none" to the global
-    ``torch.backends.fp32_precision`` by itself."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        precision = matmul.fp32_precision
-    except AttributeError:  # torch < 2.9: only the legacy flag exists
-        return bool(matmul.allow_tf32)
-    if precision == "none":
-        precision = getattr(torch.backends, "fp32_precision", "none")
-    return precision == "tf32"
 
 
 # -- checks ---------------------------------------------------------------------------------------------------
@@ -164,7 +149,7 @@ def _forward(ext, stream: int, xt: Tensor, weight: Tensor, bias: Optional[Tensor
         batch, n, sx, sy = 1, batch, _fold(sx), _fold(sy)
     sw, sb = _strides(weight), _strides(bias, 2)
     ext.linear_forward(
-        dtype=_dtype_code(ext, xt.dtype), act=act_code, w0=float(w0), allow_tf32=allow_tf32(),
+        dtype=_dtype_code(ext, xt.dtype), act=act_code, w0=float(w0), allow_tf32=tf32_allowed(),
         B=batch, N=n, M=m, K=k,
         x=_ptr(xt), sxb=sx[0], sxn=sx[1], sxk=sx[2],
         w=_ptr(weight), swb=sw[0], swm=sw[1], swk=sw[2],
@@ -196,7 +181,7 @@ def _backward(ext, stream: int, *, fold: bool, gt: Tensor, xt: Tensor, weight: T
         workspace = torch.empty(((workspace_bytes + 3) // 4,), dtype=torch.float32, device=xt.device)
     sw, sdw, sdb = _strides(weight), _strides(dw), _strides(db, 2)
     ext.linear_backward(
-        dtype=_dtype_code(ext, xt.dtype), act=act_code, w0=float(w0), allow_tf32=allow_tf32(),
+        dtype=_dtype_code(ext, xt.dtype), act=act_code, w0=float(w0), allow_tf32=tf32_allowed(),
         B=batch, N=n, M=m, K=k,
         x=_ptr(xt), sxb=sx[0], sxn=sx[1], sxk=sx[2],
         w=_ptr(weight), swb=sw[0], swm=sw[1], swk=sw[2],

@@ -44,6 +44,7 @@ from torch import Tensor
 from ...activations import ACTIVATIONS, Activation
 from .activations import activation_forward, activation_grad
 
+from .._precision import tf32_allowed
 from ._compat import loop_bound
 from ._config import AUTOTUNE, INTERPRET
 
@@ -674,11 +675,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     measured here). The interpreter computes every precision in float32."""
     if dtype != torch.float32:
         return "ieee"
-    try:
-        allowed = torch.backends.cuda.matmul.allow_tf32
-    except RuntimeError:  # the legacy flag refuses to answer once the new API has been used as well
-        allowed = getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "tf32"
-    return "tf32" if allowed else "tf32x3"
+    return "tf32" if tf32_allowed() else "tf32x3"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
