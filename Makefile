@@ -1,6 +1,6 @@
 # The README's two commands: `make bench` and `make test`. Each sets up .venv first (once).
-# On this project's CPU machines `pip install torch==2.13.0` takes the CPU build that lies on disk;
-# an unpinned torch would pull several GB of CUDA wheels. On a GPU machine use your own torch:
+# torch is pinned (TORCH=...) so that the venv gets one known build; where pip resolves it to the CPU wheel the
+# download is small, while a CUDA wheel is several GB. On a GPU machine use your own torch:
 # `pip install -e ".[test,bench]"` in an environment that has it.
 PYTHON ?= python3
 VENV ?= .venv
@@ -31,7 +31,7 @@ bench: setup
 JOBS ?= 2
 compile-check: setup
 	mkdir -p build
-	$(PY) tests/offline_compile.py --set full --jobs $(JOBS) --json build/gpu_resources.json \
+	$(PY) tests/backends/triton/offline_compile.py --set full --jobs $(JOBS) --json build/gpu_resources.json \
 		--table bench/results/gpu_resources.md
 
 # The Triton tests under the interpreter with the GPU image's triton (3.6) and a numpy >= 2.4, next to the CPU
@@ -43,8 +43,7 @@ IMAGE_PY := $(IMAGE_VENV)/bin/python
 IMAGE_TRITON ?= triton==3.6.0
 IMAGE_NUMPY ?= numpy>=2.4
 test-image-versions: $(IMAGE_VENV)/.installed
-	TRITON_INTERPRET=1 $(IMAGE_PY) -m pytest -q tests/test_triton_linear.py tests/test_triton_mlp.py \
-		tests/test_hyper_linear.py tests/test_gpu_compile.py
+	TRITON_INTERPRET=1 $(IMAGE_PY) -m pytest -q tests/backends/triton tests/ops/test_hyper_linear.py
 
 $(IMAGE_VENV)/.installed:
 	$(PYTHON) -m venv $(IMAGE_VENV)

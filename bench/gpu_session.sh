@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A first GPU session in one device call, built so that the call cannot come back empty:
+# A first GPU check in one command of at most 10 minutes, built so that it cannot come back empty:
 #
 #   OUT=/some/dir bash bench/gpu_session.sh    # PYTHON defaults to python3: on the device image that is
 #                                              # /opt/torch/.venv/bin/python3 (torch, triton, pybind11, xdist)
@@ -18,9 +18,9 @@
 # 600-s device command). At its limit a stage's main process gets SIGINT (pytest then prints its summary, the
 # smoke its tally); a few seconds later its whole process group is killed. Each stage runs whatever the one
 # before it did (failed, timed out, was skipped). Everything is written to $OUT as it is produced, at most 8
-# files (a device call returns no more): session.log (environment, one line per stage start and end, digest),
+# files (all a remote run may bring back): session.log (environment, one line per stage start and end, digest),
 # build.log, smoke.log, tests.log, bench.log, bench.json, bench.png.
-# Without a CUDA GPU (CI's dry run, tests/test_gpu_session.py) the smoke runs under the Triton interpreter and
+# Without a CUDA GPU (CI's dry run, tests/bench/test_gpu_session.py) the smoke runs under the Triton interpreter and
 # the GPU stages are skipped with a line that says so. HK_STAGES="env smoke" runs a subset.
 # compute-sanitizer gets its own call: bench/gpu_memcheck.sh (this script's "memcheck" profile).
 set -u
@@ -152,13 +152,15 @@ stage_smoke() {
 stage_tests() {
   exec > "$OUT/tests.log" 2>&1
   local files=() f
-  for f in tests/test_triton_*.py tests/test_cuda_*.py; do files+=("$f"); done
-  for f in tests/test_*.py; do
+  # Triton and CUDA files first (the GPU's own paths), then the rest of the tree.
+  for f in tests/backends/triton/test_*.py tests/backends/cuda/test_*.py; do files+=("$f"); done
+  for f in $(find tests -name 'test_*.py' | sort); do
     case " ${files[*]} " in *" $f "*) continue ;; esac
     # Not here: the multi-process and example runs, this script's own dry run, and
     # the offline compile check (CI's: it compiles for sm_80 and sm_90 on the CPUs the tests need).
     case "$f" in
-      tests/test_distributed.py|tests/test_examples.py|tests/test_gpu_session.py|tests/test_gpu_compile.py) continue ;;
+      tests/ops/test_distributed.py|tests/docs/test_examples.py|tests/bench/test_gpu_session.py) continue ;;
+      tests/backends/triton/test_gpu_compile.py) continue ;;
     esac
     files+=("$f")
   done
@@ -172,7 +174,7 @@ stage_tests() {
   # -ra, whose list of skips (every CPU-interpreter parametrisation) would bury the failures.
   HYPERKERNELS_TRITON_AUTOTUNE=0 HYPERKERNELS_REQUIRE_CUDA_BUILD=1 exec "$PYTHON" -m pytest "${parallel[@]}" \
     -o addopts= -p no:cacheprovider -v -rfE --durations=30 \
-    --deselect tests/test_cuda_backend.py::test_compute_sanitizer "${files[@]}"
+    --deselect tests/backends/cuda/test_cuda_gpu.py::test_compute_sanitizer "${files[@]}"
 }
 
 stage_bench() {

@@ -1,6 +1,6 @@
 """The measurements behind the Triton fused MLP's design choices (hyperkernels/backends/triton/mlp.py), on a GPU:
 
-* keep vs recompute for N = 1: the op with ``save_hidden`` (the forward stores each layer's value, the backward
+* keep vs recompute for N = 1: the op with ``save_layers`` (the forward stores each layer's value, the backward
   reads them) against without (the backward reruns the forward), forward+backward;
 * the dW reduction for N > 1: one program per tile with float32 atomics, one program per sample looping over its
   tiles, and the deterministic splits, backward only;
@@ -88,16 +88,16 @@ def dw_modes(batch, n, sizes, dtype):
 
 def gemm_configs(batch, n, sizes, dtype, backward):
     """Each candidate alone: the kernel's autotuner is given one config at a time."""
-    from hyperkernels.backends.triton import mlp
-    from hyperkernels.backends.triton.linear import _dot_precision
+    from hyperkernels.backends.triton import mlp_gemm, mlp_tiles
+    from hyperkernels.backends.triton._launch import dot_precision
 
     x, flat, common = _problem(batch, n, sizes, dtype)
     y = batched_mlp_op(x, flat, *common, False, "triton")[0]
     dy = torch.randn_like(y)
-    kernel = mlp._bwd_gemm_kernel if backward else mlp._fwd_gemm_kernel
-    pads = tuple(mlp._pad(s) for s in sizes)
-    table = mlp._GEMM_BWD_CANDIDATES if backward else mlp._GEMM_FWD_CANDIDATES
-    candidates = table[(max(64, max(pads)), mlp._operand_class(dtype.itemsize, _dot_precision(dtype)))]
+    kernel = mlp_gemm._bwd_gemm_kernel if backward else mlp_gemm._fwd_gemm_kernel
+    pads = tuple(mlp_tiles.pad(s) for s in sizes)
+    table = mlp_tiles.GEMM_BWD_CANDIDATES if backward else mlp_tiles.GEMM_FWD_CANDIDATES
+    candidates = table[(max(64, max(pads)), mlp_tiles.operand_class(dtype.itemsize, dot_precision(dtype)))]
     all_configs = kernel.configs
 
     def with_config(configs):

@@ -1,6 +1,7 @@
 // The activation table of the CUDA backend: codes, forward and derivative side by side.
 // It mirrors hyperkernels/activations.py (the project's one table); the codes are the ints
-// Python passes (exported as ACT_* in the module).
+// Python passes, and the module exports the names in code order (ACTIVATIONS) so that Python can
+// check the two tables agree.
 //
 //   code name     forward y = f(z)                 derivative f'(z)                 from y?
 //   0    none     z                                1                                yes
@@ -13,7 +14,8 @@
 //
 // Everything is evaluated in float32 with the accurate libm functions (erff, expf, tanhf,
 // sinpif / cospif: the build never uses --use_fast_math), whatever the storage dtype.
-// This header is also included by host-only code (bindings.cpp) for the codes and names.
+// This header is also included by host-only code (bindings.cpp, batched_linear.cpp) for the
+// codes, names and act_grad_from_output_ok.
 #pragma once
 
 namespace hk {

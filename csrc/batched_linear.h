@@ -22,57 +22,87 @@
 // loads where an operand's reduction dim has stride 1 and its pointer and other strides are
 // 16-byte multiples (a ParamLayout that pads each weight's offset and row length to 16 bytes
 // gets them); coalesced scalar loads where the row dim has stride 1 instead.
+//
+// The argument structs are declared from field lists, X(type, name, default), because the
+// Python class of each (bindings.cpp: one attribute and one required keyword per field) is
+// generated from the same list: a field is named once, and Python cannot leave one unset.
 #pragma once
 
 #include <cstdint>
 
+// Fields both directions share.
+#define HK_LINEAR_COMMON_FIELDS(X)                                                             \
+  X(int, dtype, 0)           /* DType code: 0 float32, 1 float16, 2 bfloat16 (every tensor) */ \
+  X(int, act, 0)             /* Act code (activations.cuh) */                                  \
+  X(float, w0, 1.0f)         /* frequency of the sine activation (ignored by the others) */    \
+  X(bool, allow_tf32, false) /* float32 only: TF32 tensor cores for the N > 1 (GEMM) path */   \
+  X(int64_t, B, 0)                                                                             \
+  X(int64_t, N, 0)                                                                             \
+  X(int64_t, M, 0)                                                                             \
+  X(int64_t, K, 0)                                                                             \
+  X(std::uintptr_t, x, 0) /* (B, N, K); the backward reads it only for dw */                   \
+  X(int64_t, sxb, 0)                                                                           \
+  X(int64_t, sxn, 0)                                                                           \
+  X(int64_t, sxk, 0)                                                                           \
+  X(std::uintptr_t, w, 0) /* (B, M, K); the backward reads it only for dx */                   \
+  X(int64_t, swb, 0)                                                                           \
+  X(int64_t, swm, 0)                                                                           \
+  X(int64_t, swk, 0)                                                                           \
+  X(std::uintptr_t, stream, 0) /* cudaStream_t */
+
+#define HK_LINEAR_FORWARD_FIELDS(X)                                    \
+  HK_LINEAR_COMMON_FIELDS(X)                                           \
+  X(std::uintptr_t, bias, 0) /* (B, M) or 0 */                         \
+  X(int64_t, sbb, 0)                                                   \
+  X(int64_t, sbm, 0)                                                   \
+  X(std::uintptr_t, y, 0) /* (B, N, M) output */                       \
+  X(int64_t, syb, 0)                                                   \
+  X(int64_t, syn, 0)                                                   \
+  X(int64_t, sym, 0)                                                   \
+  X(std::uintptr_t, preact, 0) /* (B, N, M) output z or 0; y's strides */
+
+#define HK_LINEAR_BACKWARD_FIELDS(X)                                                          \
+  HK_LINEAR_COMMON_FIELDS(X)                                                                  \
+  X(std::uintptr_t, dy, 0) /* (B, N, M) upstream gradient */                                  \
+  X(int64_t, sdyb, 0)                                                                         \
+  X(int64_t, sdyn, 0)                                                                         \
+  X(int64_t, sdym, 0)                                                                         \
+  X(std::uintptr_t, saved, 0) /* (B, N, M): the preact z, or the output y */                  \
+  X(int64_t, ssb, 0)                                                                          \
+  X(int64_t, ssn, 0)                                                                          \
+  X(int64_t, ssm, 0)                                                                          \
+  X(bool, saved_is_preact, false)                                                             \
+  X(std::uintptr_t, dz, 0) /* (B, N, M) scratch, written when act != none and dx or dw */     \
+  X(int64_t, sdzb, 0)                                                                         \
+  X(int64_t, sdzn, 0)                                                                         \
+  X(int64_t, sdzm, 0)                                                                         \
+  X(std::uintptr_t, dx, 0) /* (B, N, K) output or 0 */                                        \
+  X(int64_t, sdxb, 0)                                                                         \
+  X(int64_t, sdxn, 0)                                                                         \
+  X(int64_t, sdxk, 0)                                                                         \
+  X(std::uintptr_t, dw, 0) /* (B, M, K) output or 0 */                                        \
+  X(int64_t, sdwb, 0)                                                                         \
+  X(int64_t, sdwm, 0)                                                                         \
+  X(int64_t, sdwk, 0)                                                                         \
+  X(std::uintptr_t, db, 0) /* (B, M) output or 0 */                                           \
+  X(int64_t, sdbb, 0)                                                                         \
+  X(int64_t, sdbm, 0)                                                                         \
+  X(std::uintptr_t, workspace, 0) /* float32 scratch for split reductions, or 0 if none */    \
+  X(int64_t, workspace_bytes, 0)
+
 namespace hk {
 
+#define HK_DECLARE_FIELD(type, name, init) type name = init;
+
 struct LinearForwardArgs {
-  int dtype = 0;  // DType code: 0 float32, 1 float16, 2 bfloat16 (all tensors share it)
-  int act = 0;    // Act code (activations.cuh)
-  float w0 = 1.0f;  // frequency of the sine activation (ignored by the others)
-  bool allow_tf32 = false;  // float32 only: TF32 tensor cores for the N > 1 (GEMM) path
-  int64_t B = 0, N = 0, M = 0, K = 0;
-  std::uintptr_t x = 0;  // (B, N, K)
-  int64_t sxb = 0, sxn = 0, sxk = 0;
-  std::uintptr_t w = 0;  // (B, M, K)
-  int64_t swb = 0, swm = 0, swk = 0;
-  std::uintptr_t bias = 0;  // (B, M) or 0
-  int64_t sbb = 0, sbm = 0;
-  std::uintptr_t y = 0;  // (B, N, M) output
-  int64_t syb = 0, syn = 0, sym = 0;
-  std::uintptr_t preact = 0;  // (B, N, M) output z or 0; same strides as y
-  std::uintptr_t stream = 0;
+  HK_LINEAR_FORWARD_FIELDS(HK_DECLARE_FIELD)
 };
 
 struct LinearBackwardArgs {
-  int dtype = 0;
-  int act = 0;
-  float w0 = 1.0f;
-  bool allow_tf32 = false;
-  int64_t B = 0, N = 0, M = 0, K = 0;
-  std::uintptr_t x = 0;  // (B, N, K): read only when dw is wanted
-  int64_t sxb = 0, sxn = 0, sxk = 0;
-  std::uintptr_t w = 0;  // (B, M, K): read only when dx is wanted
-  int64_t swb = 0, swm = 0, swk = 0;
-  std::uintptr_t dy = 0;  // (B, N, M) upstream gradient
-  int64_t sdyb = 0, sdyn = 0, sdym = 0;
-  std::uintptr_t saved = 0;  // (B, N, M): the preact z, or the output y (see saved_is_preact)
-  int64_t ssb = 0, ssn = 0, ssm = 0;
-  bool saved_is_preact = false;
-  std::uintptr_t dz = 0;  // (B, N, M) scratch written here when act != none and dx or dw wanted
-  int64_t sdzb = 0, sdzn = 0, sdzm = 0;
-  std::uintptr_t dx = 0;  // (B, N, K) output or 0
-  int64_t sdxb = 0, sdxn = 0, sdxk = 0;
-  std::uintptr_t dw = 0;  // (B, M, K) output or 0
-  int64_t sdwb = 0, sdwm = 0, sdwk = 0;
-  std::uintptr_t db = 0;  // (B, M) output or 0
-  int64_t sdbb = 0, sdbm = 0;
-  std::uintptr_t workspace = 0;  // float32 scratch for split reductions, or 0 if none needed
-  int64_t workspace_bytes = 0;
-  std::uintptr_t stream = 0;
+  HK_LINEAR_BACKWARD_FIELDS(HK_DECLARE_FIELD)
 };
+
+#undef HK_DECLARE_FIELD
 
 void linear_forward(const LinearForwardArgs& args);
 void linear_backward(const LinearBackwardArgs& args);

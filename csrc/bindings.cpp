@@ -2,15 +2,19 @@
 //
 // It does not link libtorch: Python passes tensor.data_ptr() values (0 for an absent tensor),
 // sizes, strides in elements, dtype / activation codes and
-// torch.cuda.current_stream().cuda_stream. Launches are asynchronous on that stream; nothing
+// torch.cuda.current_stream().cuda_stream, as the fields of one argument struct per entry point
+// (LinearForwardArgs, LinearBackwardArgs). Launches are asynchronous on that stream; nothing
 // allocates, synchronises or changes the current device.
 // Errors: bad arguments raise ValueError, CUDA errors RuntimeError (naming the kernel).
 #include <pybind11/pybind11.h>
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "activations.cuh"
 #include "batched_linear.h"
@@ -22,8 +26,6 @@
 #endif
 
 namespace py = pybind11;
-using std::int64_t;
-using std::uintptr_t;
 
 namespace {
 
@@ -39,46 +41,102 @@ std::pair<int, cudaError_t> query_device_count() {
   return {n, cudaSuccess};
 }
 
-void linear_forward_py(int dtype, int act, float w0, bool allow_tf32, int64_t B, int64_t N,
-                       int64_t M, int64_t K, uintptr_t x, int64_t sxb, int64_t sxn, int64_t sxk,
-                       uintptr_t w, int64_t swb, int64_t swm, int64_t swk, uintptr_t bias,
-                       int64_t sbb, int64_t sbm, uintptr_t y, int64_t syb, int64_t syn,
-                       int64_t sym, uintptr_t preact, uintptr_t stream) {
-  hk::LinearForwardArgs a;
-  a.dtype = dtype, a.act = act, a.w0 = w0, a.allow_tf32 = allow_tf32;
-  a.B = B, a.N = N, a.M = M, a.K = K;
-  a.x = x, a.sxb = sxb, a.sxn = sxn, a.sxk = sxk;
-  a.w = w, a.swb = swb, a.swm = swm, a.swk = swk;
-  a.bias = bias, a.sbb = sbb, a.sbm = sbm;
-  a.y = y, a.syb = syb, a.syn = syn, a.sym = sym;
-  a.preact = preact;
-  a.stream = stream;
-  hk::linear_forward(a);
+// The argument structs' fields, visited in declaration order as (name, member pointer): the one
+// place the bindings learn the field lists of batched_linear.h.
+#define HK_VISIT_FIELD(type, name, init) f(#name, &Args::name);
+
+template <typename F>
+void for_each_field(hk::LinearForwardArgs*, F&& f) {
+  using Args = hk::LinearForwardArgs;
+  HK_LINEAR_FORWARD_FIELDS(HK_VISIT_FIELD)
 }
 
-void linear_backward_py(int dtype, int act, float w0, bool allow_tf32, int64_t B, int64_t N,
-                        int64_t M, int64_t K, uintptr_t x, int64_t sxb, int64_t sxn, int64_t sxk,
-                        uintptr_t w, int64_t swb, int64_t swm, int64_t swk, uintptr_t dy,
-                        int64_t sdyb, int64_t sdyn, int64_t sdym, uintptr_t saved, int64_t ssb,
-                        int64_t ssn, int64_t ssm, bool saved_is_preact, uintptr_t dz,
-                        int64_t sdzb, int64_t sdzn, int64_t sdzm, uintptr_t dx, int64_t sdxb,
-                        int64_t sdxn, int64_t sdxk, uintptr_t dw, int64_t sdwb, int64_t sdwm,
-                        int64_t sdwk, uintptr_t db, int64_t sdbb, int64_t sdbm,
-                        uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream) {
-  hk::LinearBackwardArgs a;
-  a.dtype = dtype, a.act = act, a.w0 = w0, a.allow_tf32 = allow_tf32;
-  a.B = B, a.N = N, a.M = M, a.K = K;
-  a.x = x, a.sxb = sxb, a.sxn = sxn, a.sxk = sxk;
-  a.w = w, a.swb = swb, a.swm = swm, a.swk = swk;
-  a.dy = dy, a.sdyb = sdyb, a.sdyn = sdyn, a.sdym = sdym;
-  a.saved = saved, a.ssb = ssb, a.ssn = ssn, a.ssm = ssm, a.saved_is_preact = saved_is_preact;
-  a.dz = dz, a.sdzb = sdzb, a.sdzn = sdzn, a.sdzm = sdzm;
-  a.dx = dx, a.sdxb = sdxb, a.sdxn = sdxn, a.sdxk = sdxk;
-  a.dw = dw, a.sdwb = sdwb, a.sdwm = sdwm, a.sdwk = sdwk;
-  a.db = db, a.sdbb = sdbb, a.sdbm = sdbm;
-  a.workspace = workspace, a.workspace_bytes = workspace_bytes;
-  a.stream = stream;
-  hk::linear_backward(a);
+template <typename F>
+void for_each_field(hk::LinearBackwardArgs*, F&& f) {
+  using Args = hk::LinearBackwardArgs;
+  HK_LINEAR_BACKWARD_FIELDS(HK_VISIT_FIELD)
+}
+
+#undef HK_VISIT_FIELD
+
+template <typename Args>
+std::vector<std::string> field_names() {
+  std::vector<std::string> names;
+  for_each_field(static_cast<Args*>(nullptr),
+                 [&](const char* name, auto) { names.emplace_back(name); });
+  return names;
+}
+
+std::string joined(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+// Every field from a keyword of the same name: a missing, unknown or ill-typed keyword is a
+// TypeError naming it, so no field is ever left at its default by mistake (a forgotten stride
+// would silently read the wrong memory).
+template <typename Args>
+Args args_from_kwargs(const char* cls, const py::kwargs& kw) {
+  Args a;
+  std::vector<std::string> missing;
+  size_t used = 0;
+  for_each_field(&a, [&](const char* name, auto member) {
+    if (!kw.contains(name)) {
+      missing.emplace_back(name);
+      return;
+    }
+    using Field = std::remove_reference_t<decltype(a.*member)>;
+    const py::handle value = kw[name];
+    try {
+      a.*member = value.cast<Field>();
+    } catch (const py::cast_error&) {
+      const std::string bits = std::to_string(8 * sizeof(Field));
+      const std::string want = std::is_same<Field, bool>::value         ? "a bool"
+                               : std::is_floating_point<Field>::value   ? "a float"
+                               : std::is_unsigned<Field>::value         ? "an address (an int >= 0)"
+                                                                        : "a " + bits + "-bit int";
+      throw py::type_error(std::string(cls) + ": " + name + " must be " + want + ", got " +
+                           py::repr(value).cast<std::string>());
+    }
+    ++used;
+  });
+  if (!missing.empty()) {
+    throw py::type_error(std::string(cls) + "() missing keyword(s): " + joined(missing) +
+                         " (every field is required)");
+  }
+  if (used != kw.size()) {
+    const std::vector<std::string> known = field_names<Args>();
+    std::vector<std::string> unknown;
+    for (const auto& item : kw) {
+      const std::string key = py::str(item.first);
+      if (std::find(known.begin(), known.end(), key) == known.end()) unknown.push_back(key);
+    }
+    throw py::type_error(std::string(cls) + "() got unexpected keyword(s): " + joined(unknown));
+  }
+  return a;
+}
+
+// A Python class for an argument struct: a read-write attribute per field, a constructor taking
+// every field as a keyword, FIELDS (the names in declaration order) and a repr listing them.
+template <typename Args>
+void bind_args(py::module_& m, const char* cls, const char* doc) {
+  py::class_<Args> c(m, cls, doc);
+  for_each_field(static_cast<Args*>(nullptr),
+                 [&](const char* name, auto member) { c.def_readwrite(name, member); });
+  c.def(py::init([cls](const py::kwargs& kw) { return args_from_kwargs<Args>(cls, kw); }));
+  const std::vector<std::string> names = field_names<Args>();
+  py::tuple fields(names.size());
+  for (size_t i = 0; i < names.size(); ++i) fields[i] = py::str(names[i]);
+  c.attr("FIELDS") = fields;
+  c.def("__repr__", [cls, names](const py::object& self) {
+    std::string out = std::string(cls) + "(";
+    for (size_t i = 0; i < names.size(); ++i) {
+      const py::object value = self.attr(names[i].c_str());
+      out += (i ? ", " : "") + names[i] + "=" + py::repr(value).cast<std::string>();
+    }
+    return out + ")";
+  });
 }
 
 }  // namespace
@@ -126,41 +184,29 @@ PYBIND11_MODULE(_cuda, m) {
   py::tuple acts(hk::kNumActs);
   for (int i = 0; i < hk::kNumActs; ++i) acts[i] = py::str(hk::act_name(i));
   m.attr("ACTIVATIONS") = acts;  // ACTIVATIONS[code] == name
-  m.attr("ACT_NONE") = static_cast<int>(hk::kActNone);
-  m.attr("ACT_RELU") = static_cast<int>(hk::kActRelu);
-  m.attr("ACT_GELU") = static_cast<int>(hk::kActGelu);
-  m.attr("ACT_SILU") = static_cast<int>(hk::kActSilu);
-  m.attr("ACT_TANH") = static_cast<int>(hk::kActTanh);
-  m.attr("ACT_SIGMOID") = static_cast<int>(hk::kActSigmoid);
-  m.attr("ACT_SINE") = static_cast<int>(hk::kActSine);
 
   // ---- batched linear ----
-  m.def("linear_forward", &linear_forward_py,
-        "y[b,n,m] = act(sum_k x[b,n,k] w[b,m,k] + bias[b,m]); optionally preact = z.\n"
-        "Pointers are data_ptr() ints (bias / preact may be 0), strides in elements; preact "
-        "uses y's strides. Asynchronous on `stream`.",
-        py::arg("dtype"), py::arg("act"), py::arg("w0"), py::arg("allow_tf32"), py::arg("B"),
-        py::arg("N"), py::arg("M"), py::arg("K"), py::arg("x"), py::arg("sxb"), py::arg("sxn"),
-        py::arg("sxk"), py::arg("w"), py::arg("swb"), py::arg("swm"), py::arg("swk"),
-        py::arg("bias"), py::arg("sbb"), py::arg("sbm"), py::arg("y"), py::arg("syb"),
-        py::arg("syn"), py::arg("sym"), py::arg("preact"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>());
+  bind_args<hk::LinearForwardArgs>(
+      m, "LinearForwardArgs",
+      "Arguments of linear_forward (csrc/batched_linear.h states their contract): pointers are "
+      "data_ptr() ints (0: absent), strides in elements, stream a cudaStream_t int. Every field "
+      "is a required keyword of the constructor.");
+  bind_args<hk::LinearBackwardArgs>(
+      m, "LinearBackwardArgs",
+      "Arguments of linear_backward (csrc/batched_linear.h states their contract); every field "
+      "is a required keyword of the constructor.");
 
-  m.def("linear_backward", &linear_backward_py,
+  m.def("linear_forward", &hk::linear_forward,
+        "y[b,n,m] = act(sum_k x[b,n,k] w[b,m,k] + bias[b,m]); optionally preact = z.\n"
+        "bias / preact may be 0; preact uses y's strides. Asynchronous on `stream`.",
+        py::arg("args"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("linear_backward", &hk::linear_backward,
         "dz = dy * act'(saved); dx = dz @ w; dw[b] = dz[b]^T x[b]; db[b] = sum_n dz[b].\n"
         "dx / dw / db may be 0 (not wanted). `saved` is the preact z (saved_is_preact=True) or "
         "the output y. dz is a (B,N,M) scratch the kernels write when act != none and dx or dw "
         "is wanted (else may be 0). workspace: linear_backward_workspace_size() bytes.",
-        py::arg("dtype"), py::arg("act"), py::arg("w0"), py::arg("allow_tf32"), py::arg("B"),
-        py::arg("N"), py::arg("M"), py::arg("K"), py::arg("x"), py::arg("sxb"), py::arg("sxn"),
-        py::arg("sxk"), py::arg("w"), py::arg("swb"), py::arg("swm"), py::arg("swk"),
-        py::arg("dy"), py::arg("sdyb"), py::arg("sdyn"), py::arg("sdym"), py::arg("saved"),
-        py::arg("ssb"), py::arg("ssn"), py::arg("ssm"), py::arg("saved_is_preact"),
-        py::arg("dz"), py::arg("sdzb"), py::arg("sdzn"), py::arg("sdzm"), py::arg("dx"),
-        py::arg("sdxb"), py::arg("sdxn"), py::arg("sdxk"), py::arg("dw"), py::arg("sdwb"),
-        py::arg("sdwm"), py::arg("sdwk"), py::arg("db"), py::arg("sdbb"), py::arg("sdbm"),
-        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("args"), py::call_guard<py::gil_scoped_release>());
 
   m.def("linear_backward_workspace_size", &hk::linear_backward_workspace_size,
         "Bytes of float32 workspace linear_backward needs (0: none, pass workspace=0). A pure "

@@ -2,12 +2,12 @@
 //
 // * `require(cond, msg)` rejects bad arguments: std::invalid_argument, which pybind11
 //   turns into a Python ValueError.
-// * `check_cuda(err, what)` / `check_launch(kernel)` turn a cudaError_t into
-//   std::runtime_error (Python RuntimeError) naming the call or the kernel.
-//   `check_launch` reads cudaGetLastError() right after a launch, so an invalid
-//   configuration, a missing kernel image for this GPU or a driver problem is reported
-//   against the kernel that caused it. Faults inside a running kernel are asynchronous and
-//   surface at the caller's next synchronisation (that is CUDA's model, not ours).
+// * `throw_cuda_error(err, what)` turns a cudaError_t into std::runtime_error (Python
+//   RuntimeError) naming the call or the kernel. The launchers check cudaGetLastError() right
+//   after each launch (after_launch, launch.cuh), so an invalid configuration, a missing kernel
+//   image for this GPU or a driver problem is reported against the kernel that caused it.
+//   Faults inside a running kernel are asynchronous and surface at the caller's next
+//   synchronisation (that is CUDA's model, not ours).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -25,16 +25,6 @@ inline std::string cuda_error_text(cudaError_t err) {
 [[noreturn]] inline void throw_cuda_error(cudaError_t err, const std::string& what) {
   throw std::runtime_error("hyperkernels._cuda: CUDA error in " + what + ": " +
                            cuda_error_text(err));
-}
-
-inline void check_cuda(cudaError_t err, const std::string& what) {
-  if (err != cudaSuccess) throw_cuda_error(err, what);
-}
-
-// Call right after every <<<...>>> launch.
-inline void check_launch(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw_cuda_error(err, std::string("launch of kernel ") + kernel);
 }
 
 // Call at the start of an entry point: an error left pending by earlier, unrelated work (or a
@@ -55,6 +45,3 @@ inline void require(bool cond, const std::string& msg) {
 }
 
 }  // namespace hk
-
-#define HK_CUDA_CHECK(expr) ::hk::check_cuda((expr), #expr)
-#define HK_CHECK_LAUNCH(name) ::hk::check_launch(name)

@@ -23,17 +23,6 @@ enum DType : int {
 };
 constexpr int kNumDTypes = 3;
 
-inline const char* dtype_name(int code) {
-  switch (code) {
-    case kFloat32: return "float32";
-    case kFloat16: return "float16";
-    case kBFloat16: return "bfloat16";
-    default: return "unknown";
-  }
-}
-
-inline int dtype_size(int code) { return code == kFloat32 ? 4 : 2; }
-
 inline void check_dtype(int code) {
   require(code >= 0 && code < kNumDTypes,
           "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +

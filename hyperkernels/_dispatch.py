@@ -11,8 +11,8 @@ import torch
 from .backends import Backend
 from .backends.torch import hyper_linear as _torch_hyper
 
-__all__ = ["BackendUnavailableError", "available_backends", "get_backend", "resolve_backend", "BACKEND_NAMES",
-           "GENERATE", "HyperShape", "choose_hyper_linear", "hyper_linear_costs"]
+__all__ = ["BackendUnavailableError", "available_backends", "get_backend", "resolve_backend", "check_backend_name",
+           "BACKEND_NAMES", "HyperShape", "generate_is_better", "hyper_linear_costs"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -113,29 +113,26 @@ def runs_as_composition(impl: str, op: str, n: int) -> bool:
 
 
 @torch.compiler.assume_constant_result
-def mlp_keeps_hidden(name: str, single_point: bool) -> bool:
-    """Whether the backend's MLP forward should keep per-layer values for its backward (see Backend)."""
-    return get_backend(name).mlp_keeps_hidden(single_point)
+def mlp_saves_layers(name: str, single_point: bool) -> bool:
+    """Whether the backend's MLP forward should save each layer's values for its backward (see Backend)."""
+    return get_backend(name).mlp_saves_layers(single_point)
 
 
-# The fused MLP kernels take widths up to backends/triton/mlp.py's MAX_WIDTH (a number here, since this module must
-# not import triton; tests/test_triton_mlp.py checks that they agree). Wider nets stay on torch.
-_TRITON_MLP_MAX_WIDTH = 256
+@torch.compiler.assume_constant_result
+def _mlp_max_width(name: str) -> int:
+    """The widest layer the backend's fused MLP kernels take; wider nets stay on torch."""
+    return get_backend(name).mlp_max_width
 
 
-def _auto(*, op, device, dtype, batch, n, k, m, channel_major, widths=(), hyper=None) -> str:
-    if op == "hyper_linear":
-        if hyper is None:
-            raise TypeError("resolve_backend: op='hyper_linear' with backend='auto' needs hyper= (a HyperShape)")
-        return choose_hyper_linear(device, dtype, [hyper])
+def _auto(op: str, device: torch.device, dtype: torch.dtype, widths: tuple) -> str:
     if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_usable() and implements("triton", op):
-        if op != "batched_mlp" or max(k, m, *widths) <= _TRITON_MLP_MAX_WIDTH:
+        if op != "batched_mlp" or max(widths) <= _mlp_max_width("triton"):
             return "triton"
     return _TORCH_FORMULATION
 
 
 # -- hyper_linear: fused, or generate-then-apply ------------------------------------------------------
-# "auto" for hyper_linear may also answer GENERATE: materialise the per-sample weights with one GEMM
+# Under "auto", hyper_linear may also run as generate-then-apply: materialise the per-sample weights with one GEMM
 # (F.linear(h, head_weight, head_bias)) and run batched_linear on them ("auto" again). Both ways do about the
 # same FLOPs at N = 1 (the fused op N times those of generating the weights at N points per sample); what
 # differs is what each writes to memory: the fused op never writes the B*out*in weights, but the torch backend
@@ -143,7 +140,6 @@ def _auto(*, op, device, dtype, batch, n, k, m, channel_major, widths=(), hyper=
 # GEMMs against a head of out rows are skinny when out is small. So the rule is a cost model of both ways: the
 # FLOPs, the bytes moved and the calls of every pass each one makes, and the temporaries it allocates, priced
 # with constants measured on the device kind (below).
-GENERATE = "generate"
 
 
 @dataclass(frozen=True)
@@ -399,14 +395,14 @@ def _fused_impl(device: torch.device, dtype: torch.dtype) -> str:
 
 def hyper_linear_costs(impl: str, device: torch.device, layers: Sequence[HyperShape],
                        machine: Optional[Machine] = None) -> dict:
-    """``{"fused": (seconds, peak bytes), GENERATE: (...)}`` predicted for running ``layers`` one after the other
+    """``{"fused": (seconds, peak bytes), "generate": (...)}`` predicted for running ``layers`` one after the other
     with the fused backend ``impl`` or by generate-then-apply, at the prices of ``machine`` (default: those of the
     device kind)."""
     if machine is None:
         machine = _gpu_machine(layers[0].itemsize) if device.type == "cuda" else _CPU
     fused_work = fused_work_triton if impl == "triton" else fused_work_torch
     out = {}
-    for way, cost in (("fused", fused_work), (GENERATE, generate_work)):
+    for way, cost in (("fused", fused_work), ("generate", generate_work)):
         total = cost(layers[0])
         for layer in layers[1:]:
             total = total.then(cost(layer))
@@ -414,38 +410,44 @@ def hyper_linear_costs(impl: str, device: torch.device, layers: Sequence[HyperSh
     return out
 
 
-def choose_hyper_linear(device: torch.device, dtype: torch.dtype, layers: Sequence[HyperShape],
-                        impl: Optional[str] = None, machine: Optional[Machine] = None) -> str:
-    """hyper_linear's "auto": the fused backend's name (``impl``, else the one "auto" runs fused here), or
-    GENERATE, for ``layers`` run one after the other (one layer for ``hyper_linear``, every generated layer of a
-    ``HyperNetwork``). The faster way by the cost model; within ``_HYPER_TIME_TIE`` of each other, the one with
-    the smaller peak memory. Without layers, the fused backend."""
-    impl = impl or _fused_impl(device, dtype)
+def generate_is_better(device: torch.device, dtype: torch.dtype, layers: Sequence[HyperShape],
+                       impl: Optional[str] = None, machine: Optional[Machine] = None) -> bool:
+    """hyper_linear's "auto": whether generate-then-apply beats the fused backend ``impl`` (default: the one "auto"
+    runs fused here) for ``layers`` run one after the other (one layer for ``hyper_linear``, every generated layer
+    of a ``HyperNetwork``). The faster way by the cost model; within ``_HYPER_TIME_TIE`` of each other, the one
+    with the smaller peak memory. Without layers, False."""
     if not layers:
-        return impl
-    costs = hyper_linear_costs(impl, device, layers, machine)
-    (t_f, m_f), (t_g, m_g) = costs["fused"], costs[GENERATE]
+        return False
+    costs = hyper_linear_costs(impl or _fused_impl(device, dtype), device, layers, machine)
+    (t_f, m_f), (t_g, m_g) = costs["fused"], costs["generate"]
     if abs(t_f - t_g) <= _HYPER_TIME_TIE * min(t_f, t_g):
-        return impl if m_f <= m_g else GENERATE
-    return impl if t_f < t_g else GENERATE
+        return m_g < m_f
+    return t_g < t_f
 
 
-def resolve_backend(
-    requested: str, *, op: str, device: torch.device, dtype: torch.dtype, batch: int, n: int, k: int, m: int,
-    channel_major: bool = False, widths: tuple = (), hyper: Optional[HyperShape] = None,
-) -> str:
-    """Turn the user's ``backend=`` into a concrete implementation name, or raise a clear error. ``widths``: every
-    layer width of a batched_mlp (in, hidden..., out). ``hyper``: the layer of a hyper_linear, for its cost model
-    (``"auto"`` may then answer ``GENERATE``)."""
+def check_backend_name(requested: object) -> str:
+    """``requested`` if it is a name a user may pass as ``backend=``, else a clear error."""
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a string, one of {list(BACKEND_NAMES)}, got {type(requested).__name__}")
     if requested not in BACKEND_NAMES:
         raise ValueError(f"backend: expected one of {list(BACKEND_NAMES)}, got {requested!r}")
-    if batch == 0 or n == 0 or k == 0 or m == 0:
-        return "torch_bmm"  # empty problems: bmm handles every empty size and keeps autograd intact
+    return requested
+
+
+def resolve_backend(requested: str, *, op: str, device: torch.device, dtype: torch.dtype, empty: bool = False,
+                    widths: Sequence[int] = ()) -> str:
+    """Turn the user's ``backend=`` into the name of the implementation that runs ``op`` on tensors of this device
+    and dtype, or raise a clear error. ``empty``: the problem has no elements to compute (a zero batch, points,
+    input or output size); bmm runs those, keeping autograd intact. ``widths``: every layer width of a
+    batched_mlp (in, hidden..., out), which "auto" needs. For hyper_linear the answer is the backend that runs it
+    fused; whether "auto" generates the weights instead is :func:`generate_is_better`'s call."""
+    check_backend_name(requested)
+    if empty:
+        return _TORCH_FORMULATION
     if requested == "auto":
-        return _auto(op=op, device=device, dtype=dtype, batch=batch, n=n, k=k, m=m, channel_major=channel_major,
-                     widths=tuple(widths), hyper=hyper)
+        if op == "hyper_linear":
+            return _fused_impl(device, dtype)
+        return _auto(op, device, dtype, tuple(widths))
     name = _TORCH_FORMULATION if requested == "torch" else requested
     reason = _unavailable_reason(name)
     if reason is not None:

@@ -42,6 +42,13 @@ def check_size(name: str, dim_desc: str, got: int, expected: int, expected_from:
         raise ValueError(f"{name}: expected {dim_desc} {expected} ({expected_from}), got {got}")
 
 
+def check_backend(backend: object) -> str:
+    """``backend`` if it is a name a user may pass as ``backend=``, else a clear error."""
+    from ._dispatch import check_backend_name  # here: the registry imports the backends, which use this module
+
+    return check_backend_name(backend)
+
+
 def check_w0(w0: object) -> float:
     if isinstance(w0, bool) or not isinstance(w0, (int, float)) or not math.isfinite(w0):
         raise TypeError(f"w0: expected a finite float, got {w0!r}")

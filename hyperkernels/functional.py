@@ -1,46 +1,25 @@
-"""The functional API: validate once, pick a backend, call the op."""
+"""The functional API: validate, shape, and hand to the op layer (``ops/``), which picks the backend.
+
+The ``nn`` layer calls only this module: the public ops, and (at the end) the planning queries and entry points on
+inputs it has already validated."""
 from __future__ import annotations
 
 from typing import Mapping, Optional, Union
 
-import torch
 from torch import Tensor
 
 from . import _validate
-from ._dispatch import GENERATE, HyperShape, mlp_keeps_hidden, resolve_backend, runs_as_composition
 from .activations import DEFAULT_SINE_W0, get_activation
-from .backends.torch import hyper_linear as torch_hyper
-from .backends.torch import linear as torch_linear
-from .backends.torch import mlp as torch_mlp
-from .layout import ParamLayout
-from .ops.hyper_linear import hyper_linear_op
-from .ops.linear import batched_linear_op
-from .ops.mlp import batched_mlp_op
+from .layout import MLPSpec, ParamLayout
+from .ops.hyper_linear import apply_hyper_linear
+from .ops.linear import apply_linear
+from .ops.mlp import apply_mlp
+# The planning queries of the nn layer, answered by the op layer: re-exported so that nn imports only this module.
+from .ops.hyper_linear import HyperShape, hyper_linear_way  # noqa: F401
+from .ops.linear import linear_runs_as_composition  # noqa: F401
+from .ops.mlp import mlp_op_available, mlp_op_runs  # noqa: F401
 
 __all__ = ["batched_linear", "batched_conv1x1", "batched_mlp", "hyper_linear"]
-
-
-def _grad_will_be_needed(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _run_linear(x3, weight, bias, activation, w0, backend, channel_major, op):
-    act = get_activation(activation)
-    w0 = _validate.check_w0(w0)
-    if channel_major:
-        batch, k, n = x3.shape
-    else:
-        batch, n, k = x3.shape
-    impl = resolve_backend(
-        backend, op=op, device=x3.device, dtype=x3.dtype, batch=batch, n=n, k=k, m=weight.shape[1],
-        channel_major=channel_major,
-    )
-    if runs_as_composition(impl, op, n):
-        formulation = "conv" if impl == "torch_conv" else "bmm"
-        return torch_linear.linear_forward(x3, weight, bias, act, w0, channel_major, False, formulation)[0]
-    save_preact = act.needs_preactivation and _grad_will_be_needed(x3, weight, bias)
-    y, _ = batched_linear_op(x3, weight, bias, act.name, w0, channel_major, save_preact, impl)
-    return y
 
 
 def batched_linear(
@@ -69,8 +48,9 @@ def batched_linear(
         torch.Size([8, 5, 4])
     """
     _validate.check_linear(x, weight, bias)
+    act, w0 = get_activation(activation), _validate.check_w0(w0)
     single = x.dim() == 2
-    y = _run_linear(x.unsqueeze(1) if single else x, weight, bias, activation, w0, backend, False, "batched_linear")
+    y = apply_linear(x.unsqueeze(1) if single else x, weight, bias, act, w0, False, backend)
     return y.squeeze(1) if single else y
 
 
@@ -92,10 +72,10 @@ def batched_conv1x1(
         ``(B, C_out, *spatial)``, contiguous.
     """
     _validate.check_conv1x1(x, weight, bias)
+    act, w0 = get_activation(activation), _validate.check_w0(w0)
     spatial = x.shape[2:]
     weight3 = weight.reshape(weight.shape[:3])  # drops the trailing 1-sized dims: always a view
-    x3 = x.flatten(2)
-    y = _run_linear(x3, weight3, bias, activation, w0, backend, True, "batched_conv1x1")
+    y = apply_linear(x.flatten(2), weight3, bias, act, w0, True, backend)
     return y.view(*y.shape[:2], *spatial)
 
 
@@ -138,21 +118,8 @@ def batched_mlp(
     layout.check_flat(flat)
     _validate.check_mlp(x, flat, spec.sizes[0])
     single = x.dim() == 2
-    y = run_mlp(x.unsqueeze(1) if single else x, flat, spec, act, out_act, w0, backend)
+    y = apply_mlp(x.unsqueeze(1) if single else x, flat, spec, act, out_act, w0, backend)
     return y.squeeze(1) if single else y
-
-
-def run_mlp(x3: Tensor, flat: Tensor, spec, act, out_act, w0: float, backend: str) -> Tensor:
-    """The fused MLP on validated inputs: x3 ``(B, N, in)``, flat ``(B, spec.numel)``."""
-    batch, n, _ = x3.shape
-    impl = resolve_backend(backend, op="batched_mlp", device=x3.device, dtype=x3.dtype, batch=batch, n=n,
-                           k=spec.sizes[0], m=spec.sizes[-1], widths=spec.sizes)
-    if runs_as_composition(impl, "batched_mlp", n):
-        return torch_mlp.reference_forward(x3, flat, spec, act, out_act, w0)
-    save_hidden = _grad_will_be_needed(x3, flat) and mlp_keeps_hidden(impl, n == 1)
-    y, _ = batched_mlp_op(x3, flat, spec.sizes, spec.weight_offsets, spec.bias_offsets, act.name, out_act.name,
-                          w0, save_hidden, impl)
-    return y
 
 
 def hyper_linear(
@@ -194,22 +161,25 @@ def hyper_linear(
         torch.Size([8, 5, 4])
     """
     _validate.check_hyper_linear(x, h, head_weight, head_bias, out_features, bias)
-    act = get_activation(activation)
-    w0 = _validate.check_w0(w0)
+    act, w0 = get_activation(activation), _validate.check_w0(w0)
     single = x.dim() == 2
-    x3 = x.unsqueeze(1) if single else x
-    batch, n, in_features = x3.shape
-    grad = _grad_will_be_needed(x3, h, head_weight, head_bias)
-    shape = HyperShape(batch, n, in_features, out_features, h.shape[1], bias, head_bias is not None,
-                       x3.element_size(), grad, grad and x3.requires_grad)
-    impl = resolve_backend(backend, op="hyper_linear", device=x3.device, dtype=x3.dtype, batch=batch, n=n,
-                           k=in_features, m=out_features, hyper=shape)
-    if runs_as_composition(impl, "hyper_linear", n):
-        y = torch_hyper.reference_forward(x3, h, head_weight, head_bias, out_features, bias, act, w0)
-    elif impl == GENERATE:
-        weight, c = torch_hyper.generate(h, head_weight, head_bias, out_features, in_features, bias)
-        y = _run_linear(x3, weight, c, act.name, w0, "auto", False, "batched_linear")
-    else:
-        save_preact = act.needs_preactivation and grad
-        y, _ = hyper_linear_op(x3, h, head_weight, head_bias, out_features, bias, act.name, w0, save_preact, impl)
+    y = apply_hyper_linear(x.unsqueeze(1) if single else x, h, head_weight, head_bias, out_features, bias, act, w0,
+                           backend)
     return y.squeeze(1) if single else y
+
+
+# -- for the nn layer: planning queries, and entry points on inputs it has validated -----------------------------
+
+def linear_from_checked(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], w0: float,
+                        channel_major: bool, backend: str) -> Tensor:
+    """:func:`batched_linear` on ``x (B, N, in)``, or (``channel_major``) :func:`batched_conv1x1` on ``x (B, in, S)``,
+    with ``weight (B, out, in)``: for layers whose shapes, dtypes and devices the caller has checked (the steps of
+    a ``batched()`` plan, each checked against the plan once per call), without checking them again."""
+    return apply_linear(x, weight, bias, get_activation(activation), w0, channel_major, backend)
+
+
+def mlp_from_spec(x: Tensor, params: Tensor, spec: MLPSpec, activation: Optional[str],
+                  output_activation: Optional[str], w0: float, backend: str) -> Tensor:
+    """:func:`batched_mlp` on ``x (B, N, in)`` and ``params (B, spec.numel)`` already checked against ``spec``."""
+    return apply_mlp(x, params, spec, get_activation(activation), get_activation(output_activation), w0, backend)
+

@@ -14,6 +14,8 @@ from typing import Iterator, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .activations import Activation
+
 __all__ = ["ParamLayout", "LinearLayerSpec", "MLPSpec"]
 
 
@@ -44,6 +46,21 @@ class MLPSpec:
     def layer(self, i: int) -> tuple[int, int, int, int]:
         """(out, in, weight offset, bias offset) of layer i."""
         return self.sizes[i + 1], self.sizes[i], self.weight_offsets[i], self.bias_offsets[i]
+
+    def layer_activation(self, i: int, act: Activation, out_act: Activation) -> Activation:
+        """Layer i's activation: ``out_act`` after the last layer, ``act`` after every other."""
+        return out_act if i == self.num_layers - 1 else act
+
+    def saved_kinds(self, act: Activation, out_act: Activation) -> list[str]:
+        """What every backend's MLP forward saves of each layer for the backward, when it saves anything (the
+        contract of ``hyperkernels::batched_mlp``, whose fake implementation promises these shapes): the
+        pre-activation ``"z"`` where the activation's backward needs it, else the post-activation ``"h"``; of the
+        last layer, whose ``"h"`` is the output itself, nothing (``"-"``)."""
+        kinds = []
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            kinds.append("z" if self.layer_activation(i, act, out_act).needs_preactivation else ("-" if last else "h"))
+        return kinds
 
 
 class ParamLayout:

@@ -58,6 +58,15 @@ def conv1x1_reference(x, weight, bias, activation=None, w0=30.0):
     return torch.stack(outs)
 
 
+def hyper_linear_reference(x, h, head_weight, head_bias, out_features, bias, activation=None, w0=30.0):
+    """hyper_linear as generate-then-apply: the head's F.linear gives each sample's flat (out*in [+ out]) weights,
+    sliced into weight and bias for the loop reference above."""
+    theta = F.linear(h, head_weight, head_bias)
+    ow = out_features * x.shape[-1]
+    weight = theta[:, :ow].unflatten(1, (out_features, x.shape[-1]))
+    return linear_reference(x, weight, theta[:, ow:] if bias else None, activation, w0)
+
+
 def sequential_for(sizes, activation, output_activation, w0=30.0, bias=True):
     """The nn.Sequential a per-sample MLP of these sizes stands for, in float64."""
     from hyperkernels.nn import Sine

@@ -16,13 +16,13 @@ Conventions every backend keeps:
   says it is not needed. ``preact`` may be empty: a backend recomputes it when the activation's
   derivative needs it.
 * Per-sample MLP (optional: a backend without ``mlp_forward`` does not run ``batched_mlp``),
-  ``mlp_forward(x, params, spec, act, out_act, w0, save_hidden) -> (y, saved)``: ``x (B, N, in)`` any
+  ``mlp_forward(x, params, spec, act, out_act, w0, save_layers) -> (y, saved)``: ``x (B, N, in)`` any
   strides, ``params (B, P)`` any strides (batch stride 0 for shared params), ``spec`` an
   :class:`~hyperkernels.layout.MLPSpec` saying where each layer's weight and bias sit in a row; ``y``
-  contiguous ``(B, N, out)``. ``saved``: ``[]`` unless ``save_hidden``, else one tensor per layer as
-  ``backends.torch.mlp.saved_kinds`` says (every backend honours ``save_hidden``: the fake promises it). The
-  functional layer sets it only when a gradient will be needed and the backend's
-  ``mlp_keeps_hidden(single_point)`` says keeping beats recomputing for this regime.
+  contiguous ``(B, N, out)``. ``saved``: ``[]`` unless ``save_layers``, else one tensor per layer as
+  ``MLPSpec.saved_kinds`` says (every backend honours ``save_layers``: the op's fake promises it). The
+  op layer sets it only when a gradient will be needed and the backend's
+  ``mlp_saves_layers(single_point)`` says saving beats recomputing for this regime.
   ``mlp_backward(grad_y, x, params, y, saved, spec, act, out_act, w0, output_mask) -> (dx, dparams)``,
   ``dparams`` one contiguous ``(B, P)`` tensor; ``saved`` may be ``[]`` (recompute).
 * Hyper-fused linear (optional), ``hyper_linear_forward(x, h, head_weight, head_bias, out_features, bias, act,

@@ -93,12 +93,14 @@ def _check_overlapping_parameters(module: nn.Module) -> None:
                              "independent ones")
 
 
-def check_params(params, layout: ParamLayout, shared_names: Sequence[str]):
-    """(flat or None, dict or None, B), or a clear error."""
+def check_params(params, layout: ParamLayout, shared_names: Sequence[str], argname: str = "params",
+                 batch: Optional[int] = None):
+    """(flat or None, dict or None, B), or a clear error naming ``argname``; ``batch``: the B they must have, if
+    known."""
     P = layout.numel
     shared_note = f" (the module's parameters minus the shared {list(shared_names)})" if shared_names else ""
     if isinstance(params, Tensor):
-        _validate.check_tensor("params", params, f"(B, {P})")
+        _validate.check_tensor(argname, params, f"(B, {P})")
         if params.dim() != 2 or params.shape[1] != P:
             hint = ""
             if params.dim() == 1 and params.shape[0] == P:
@@ -108,37 +110,42 @@ def check_params(params, layout: ParamLayout, shared_names: Sequence[str]):
                         f"number of chunks), pass params[:, :{P}]")
             elif params.dim() > 2:
                 hint = "; flatten it to (B, P), or pass a dict like module.state_dict() with a leading batch dim"
-            raise ValueError(f"params: expected flat per-sample parameters of shape (B, {P}){shared_note}, got shape "
-                             f"{tuple(params.shape)}{hint}")
+            raise ValueError(f"{argname}: expected flat per-sample parameters of shape (B, {P}){shared_note}, got "
+                             f"shape {tuple(params.shape)}{hint}")
+        _check_batch(argname, params.shape[0], batch)
         return params, None, params.shape[0]
     if isinstance(params, tuple) and len(params) == 2 and all(isinstance(p, Mapping) for p in params):
-        raise TypeError("params: got a tuple of two dicts; torch.func.stack_module_state returns (params, buffers): "
-                        "pass its first element")
+        raise TypeError(f"{argname}: got a tuple of two dicts; torch.func.stack_module_state returns (params, "
+                        "buffers): pass its first element")
     if isinstance(params, (list, tuple)):
-        raise TypeError(f"params: expected a flat (B, {P}) tensor or a dict name -> (B, *shape) tensor, got a "
+        raise TypeError(f"{argname}: expected a flat (B, {P}) tensor or a dict name -> (B, *shape) tensor, got a "
                         f"{type(params).__name__} (hypnettorch: use ret_format='flattened')")
     if not isinstance(params, Mapping):
-        raise TypeError(f"params: expected a flat (B, {P}) tensor or a dict name -> (B, *shape) tensor, got "
+        raise TypeError(f"{argname}: expected a flat (B, {P}) tensor or a dict name -> (B, *shape) tensor, got "
                         f"{type(params).__name__}")
     missing = [n for n in layout.names if n not in params]
     extra = [n for n in params if n not in layout]
     if missing or extra:
         shared_extra = [n for n in extra if n in shared_names]
-        note = (f"; {shared_extra} are shared (held by the module itself): leave them out of params"
-                if shared_extra else "")
-        raise ValueError(f"params: keys do not match the per-sample parameters: missing {missing}, unexpected {extra} "
-                         f"(expected exactly {layout.names}){note}")
+        note = f"; {shared_extra} are shared (held by the module itself): leave them out" if shared_extra else ""
+        raise ValueError(f"{argname}: keys do not match the per-sample parameters: missing {missing}, unexpected "
+                         f"{extra} (expected exactly {layout.names}){note}")
     for name, shape in layout.shapes.items():
         t = params[name]
         if isinstance(t, Tensor) and tuple(t.shape) == shape and len(shape) >= 1:
-            raise ValueError(f"params[{name!r}]: expected shape (B, {', '.join(map(str, shape))}), got "
+            raise ValueError(f"{argname}[{name!r}]: expected shape (B, {', '.join(map(str, shape))}), got "
                              f"{tuple(t.shape)}: the batch dim is missing (HyperLight's HyperNet drops it when B is "
                              "1): add it with .unsqueeze(0)")
-    batch = layout.check_dict(params)
+    _check_batch(argname, layout.check_dict(params, argname), batch)
     for name in layout.names:
-        _validate.check_tensor(f"params[{name!r}]", params[name], "(B, *shape)")
-    _validate.check_same_dtype_device([(f"params[{n!r}]", params[n]) for n in layout.names])
-    return None, params, batch
+        _validate.check_tensor(f"{argname}[{name!r}]", params[name], "(B, *shape)")
+    _validate.check_same_dtype_device([(f"{argname}[{n!r}]", params[n]) for n in layout.names])
+    return None, params, params[layout.names[0]].shape[0]
+
+
+def _check_batch(argname: str, got: int, expected: Optional[int]) -> None:
+    if expected is not None and got != expected:
+        raise ValueError(f"{argname}: expected batch size (dim 0) {expected}, got {got}")
 
 
 def _check_first_layer(x: Tensor, first: Layer) -> None:

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._dispatch import implements, resolve_backend, runs_as_composition
 from ..activations import get_activation
-from ..functional import batched_conv1x1, batched_linear, run_mlp
+from ..functional import linear_from_checked, linear_runs_as_composition, mlp_from_spec, mlp_op_runs
 
 __all__ = ["run_kernel_layer", "run_fused_mlp", "fused_mlp_worth_it", "linear_is_composition", "flat_buffer_range"]
 
@@ -59,52 +58,38 @@ def run_kernel_layer(h: Tensor, weight: Tensor, bias: Optional[Tensor], conv_dim
     if _is_shared(weight):
         return get_activation(activation).forward(_run_dense(h, weight, bias, conv_dims, channel_dim), w0)
     weight = weight.reshape(batch, out_features, -1)  # (B, out, in[, 1...]) -> (B, out, in): a view
-    kw = dict(activation=activation, w0=w0, backend=backend)
+    # The one check left per layer (x and params were checked at the module's entry; dtypes and devices follow
+    # from them): the size a step before this one handed it.
+    if h.shape[channel_dim] != weight.shape[2]:
+        what = "channels" if conv_dims else "in_features (last dim)"
+        raise ValueError(f"x: expected {what} {weight.shape[2]} (the layer's weight), got {h.shape[channel_dim]} in "
+                         f"shape {tuple(h.shape)}")
     if conv_dims:
         if channel_dim == 1:  # each sample's input is (C, *spatial)
-            return batched_conv1x1(h, weight, bias, **kw)
+            y = linear_from_checked(h.flatten(2), weight, bias, activation, w0, True, backend)
+            return y.view(*y.shape[:2], *h.shape[2:])
         # each sample's input is a batch (N, C, *spatial): channels first, N becomes one more spatial dim
         n, spatial = h.shape[1], h.shape[3:]
-        y = batched_conv1x1(h.movedim(1, 2).flatten(2), weight, bias, **kw)
+        y = linear_from_checked(h.movedim(1, 2).flatten(2), weight, bias, activation, w0, True, backend)
         return y.unflatten(2, (n, *spatial)).movedim(2, 1)
-    if h.dim() in (2, 3):
-        return batched_linear(h, weight, bias, **kw)
-    y = batched_linear(h.reshape(batch, -1, h.shape[-1]), weight, bias, **kw)
+    x3 = h.unsqueeze(1) if h.dim() == 2 else h.reshape(batch, -1, h.shape[-1])
+    y = linear_from_checked(x3, weight, bias, activation, w0, False, backend)
     return y.view(*h.shape[:-1], out_features)
 
 
 def linear_is_composition(backend: str, like: Tensor) -> bool:
     """Whether per-sample linear layers on tensors like ``like`` (dim 0 the batch) run as PyTorch's own
     composition (bmm, bias, activation: the torch backend), which is also what vmap runs for ``F.linear``."""
-    if torch._C._are_functorch_transforms_active():
-        return True
-    return _linear_is_composition(backend, like.device, like.dtype)
-
-
-@torch.compiler.assume_constant_result
-def _linear_is_composition(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
-    key = (backend, device, dtype)
-    if key not in _COMPOSITION:  # "auto" decides linear layers by device and dtype only: one lookup per kind
-        impl = resolve_backend(backend, op="batched_linear", device=device, dtype=dtype, batch=1, n=1, k=1, m=1)
-        _COMPOSITION[key] = runs_as_composition(impl, "batched_linear", 1)
-    return _COMPOSITION[key]
-
-
-_COMPOSITION: dict = {}
+    return linear_runs_as_composition(backend, like.device, like.dtype)
 
 
 def fused_mlp_worth_it(backend: str, h: Tensor, sizes: tuple) -> bool:
     """Whether a run of linear layers should be one fused MLP op: the backend has one, and it would not just run
-    the plain composition (the torch backend does at many points per sample, ``_dispatch.runs_as_composition``).
-    Otherwise the layers run one by one, each on its own slice of the flat params (one split, one gradient write,
-    where the composition inside the op would read them through views that each write a zero-filled (B, P)
-    gradient)."""
+    the plain composition (the torch backend does at many points per sample). Otherwise the layers run one by
+    one, each on its own slice of the flat params (one split, one gradient write, where the composition inside
+    the op would read them through views that each write a zero-filled (B, P) gradient)."""
     n = math.prod(h.shape[1:-1]) if h.dim() > 2 else 1
-    dims = dict(device=h.device, dtype=h.dtype, batch=h.shape[0], n=n, k=sizes[0], m=sizes[-1])
-    if not implements(resolve_backend(backend, op="batched_linear", **dims), "batched_mlp"):
-        return False
-    impl = resolve_backend(backend, op="batched_mlp", widths=tuple(sizes), **dims)
-    return not runs_as_composition(impl, "batched_mlp", n)
+    return mlp_op_runs(backend, h.device, h.dtype, n, sizes)
 
 
 def run_fused_mlp(h: Tensor, flat: Tensor, spec, activation: str, output_activation: str, w0: float,
@@ -113,7 +98,7 @@ def run_fused_mlp(h: Tensor, flat: Tensor, spec, activation: str, output_activat
     (read in place; its gradient is written once)."""
     batch = h.shape[0]
     x3 = h if h.dim() == 3 else h.reshape(batch, -1, h.shape[-1])
-    y = run_mlp(x3, flat, spec, get_activation(activation), get_activation(output_activation), w0, backend)
+    y = mlp_from_spec(x3, flat, spec, activation, output_activation, w0, backend)
     return y if h.dim() == 3 else y.reshape(*h.shape[:-1], spec.sizes[-1])
 
 

@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._dispatch import BACKEND_NAMES
+from .._validate import check_backend
 from ..activations import get_activation
 from ..functional import hyper_linear
 from ..layout import ParamLayout
 from ._batched_checks import check_inputs, check_module, check_params, check_state
+from ._init import default_init_stats
 from ._kernels import (flat_buffer_range, fused_mlp_worth_it, linear_is_composition, run_fused_mlp,
                        run_kernel_layer)
 from ._per_sample import escaping_kinds, kernel_kinds, kernel_layer_names, run_per_sample, swap_kernel_layers
@@ -54,9 +55,7 @@ class BatchedSequential(nn.Module):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
         shared = (shared,) if isinstance(shared, str) else tuple(shared)
-        if not isinstance(backend, str) or backend not in BACKEND_NAMES:
-            raise ValueError(f"backend: expected one of {list(BACKEND_NAMES)}, got {backend!r}")
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.module_type = type(module).__name__
         check_module(module, list(walk(module)) if plain_sequential(module) else None)
 
@@ -96,7 +95,7 @@ class BatchedSequential(nn.Module):
             raise ValueError("module: no per-sample parameters left (every parameter is in shared=); batched() needs "
                              "at least one parameter generated per sample")
         self.layout = ParamLayout(per_sample)
-        self._init_stats = _default_init(module, params)
+        self._init_stats = default_init_stats(module, params)
 
         # The plan.
         if plain_sequential(template):
@@ -194,7 +193,9 @@ class BatchedSequential(nn.Module):
                 return None
         return None
 
-    def _check_x(self, x, batch: int, dtype: torch.dtype, device: torch.device, what: str) -> None:
+    def check_x(self, x, batch: int, dtype: torch.dtype, device: torch.device, what: str) -> None:
+        """A clear error unless ``x`` is an input ``forward`` can run with parameters of this batch size, dtype and
+        device (``what`` names where they come from, for the message), and the shared state matches them."""
         check_inputs(x, batch, dtype, device, what, self._first_kernel_layer(), self._several_inputs)
         check_state(self._norms, self.shared, self.template_buffers._buffers, dtype, device, self._names_by_key)
 
@@ -216,7 +217,7 @@ class BatchedSequential(nn.Module):
         flat, given, batch = check_params(params, self.layout, self.shared_names)
         if flat is None:
             return self._forward_tensors(x, given, batch)
-        self._check_x(x, batch, flat.dtype, flat.device, "params")
+        self.check_x(x, batch, flat.dtype, flat.device, "params")
         composition = linear_is_composition(self.backend, flat)
         if self._whole is not None and composition:
             return self._run_per_sample(self._whole, x, self._views(flat, self.layout.names), composition)
@@ -263,7 +264,7 @@ class BatchedSequential(nn.Module):
 
     def _forward_tensors(self, x, given: Mapping[str, Tensor], batch: int) -> Tensor:
         first = given[self.layout.names[0]]
-        self._check_x(x, batch, first.dtype, first.device, f"params[{self.layout.names[0]!r}]")
+        self.check_x(x, batch, first.dtype, first.device, f"params[{self.layout.names[0]!r}]")
         composition = linear_is_composition(self.backend, first)
         if self._whole is not None and composition:
             return self._run_per_sample(self._whole, x, given, composition)
@@ -366,7 +367,7 @@ class BatchedSequential(nn.Module):
         the hyper_linear backend). A layer with a shared parameter, and every step that runs per sample through
         vmap, generates just its own per-sample parameters."""
         batch = h.shape[0]
-        self._check_x(x, batch, head_weight.dtype, head_weight.device, "the hypernetwork's parameters")
+        self.check_x(x, batch, head_weight.dtype, head_weight.device, "the hypernetwork's parameters")
         steps = [l for s in self._steps for l in (s.layers if isinstance(s, FusedRun) else [s])]
         composition = linear_is_composition(self.backend, h)
         for step in steps:
@@ -444,27 +445,6 @@ def _describe(step, net: BatchedSequential) -> str:
     kernels = (f"; on the kernels (1x1 convs always, linear maps where the backend is not PyTorch's composition): "
                f"{', '.join(step.kernel_layers)}" if step.kernel_layers else "; nothing on the kernels")
     return f"{what}: per sample through torch.func.vmap{kernels}"
-
-
-def _default_init(module: nn.Module, params: Mapping[str, Tensor]) -> dict:
-    """name -> (mean, variance) of each parameter's default initialisation (see default_init_variance)."""
-    name_of = {id(p): n for n, p in params.items()}
-    stats = {}
-    for m in module.modules():
-        for pname, p in m._parameters.items():
-            if p is None or id(p) not in name_of:
-                continue
-            fan_in = None
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and pname in ("weight", "bias"):
-                fan_in = m.weight.shape[1] * math.prod(m.weight.shape[2:])
-            elif isinstance(m, nn.RNNCellBase):
-                fan_in = m.hidden_size
-            if fan_in is not None:
-                stats.setdefault(name_of[id(p)], (0.0, 1.0 / (3.0 * fan_in)))
-            else:
-                v = p.detach().double()
-                stats.setdefault(name_of[id(p)], (float(v.mean()), float(v.var(unbiased=False))))
-    return stats
 
 
 def batched(module: nn.Module, shared: Sequence[str] = (), *, backend: str = "auto") -> BatchedSequential:

@@ -9,7 +9,7 @@ from .._validate import check_w0
 from ..activations import DEFAULT_SINE_W0, get_activation
 from ..functional import hyper_linear
 from ..layout import ParamLayout
-from .hypernetwork import hyperfan_init_
+from ._init import hyperfan_init_
 
 
 class HyperLinear(nn.Module):

@@ -2,15 +2,15 @@
 per-sample target network, and the target run on them."""
 from __future__ import annotations
 
-import math
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .._dispatch import GENERATE, HyperShape, choose_hyper_linear, resolve_backend
-from .._validate import check_tensor
-from ..layout import ParamLayout
+from .._validate import check_same_dtype_device, check_tensor
+from ..functional import HyperShape, hyper_linear_way
+from ._batched_checks import check_params
+from ._init import hyperfan_init_
 from .batched import BatchedSequential, batched
 
 __all__ = ["HyperNetwork", "BoundTarget", "hyperfan_init_"]
@@ -24,31 +24,6 @@ _DEFAULT_INIT = "hyperfan"
 # Conditions drawn to measure E||trunk(cond)||^2 at initialisation: enough that the estimate of the
 # generated variance is within about 1% (the contract allows a factor of 2), cheap for any trunk.
 _INIT_SAMPLES = 4096
-# Generated biases get this fraction of their layer's default bias variance (see HyperNetwork's docstring).
-_BIAS_VARIANCE_FRACTION = 0.5
-
-
-@torch.no_grad()
-def hyperfan_init_(head: nn.Linear, layout: ParamLayout, variances: Mapping[str, float], second_moment: float,
-                   means: Optional[Mapping[str, float]] = None) -> None:
-    """Initialise a hypernetwork head in place so that the parameters it generates start at their target layers'
-    default scale ("hyperfan", after Chang, Flokas & Lipson, ICLR 2020; the derivation is in
-    :class:`HyperNetwork`'s docstring): the rows that generate the parameter ``name`` of ``layout`` uniform in
-    ``+-a`` with ``a^2 = 3 v / m``, ``v = variances[name]`` (half of it for a bias), ``m = second_moment =
-    E||h||^2`` of the head's input; ``head.bias`` at ``means[name]`` on those rows (0 without ``means``: the
-    default of linear layers and convs; e.g. 1 for a norm's weight)."""
-    m = max(float(second_moment), 1e-12)
-    if head.bias is not None:
-        head.bias.zero_()
-    for name, v in variances.items():
-        is_bias = name.rpartition(".")[2] == "bias"
-        a = math.sqrt(3.0 * v * (_BIAS_VARIANCE_FRACTION if is_bias else 1.0) / m)
-        rows = slice(layout.offset(name), layout.offset(name) + math.prod(layout.shapes[name]))
-        head.weight[rows].uniform_(-a, a)
-        if means is not None and head.bias is not None:
-            head.bias[rows] = means[name]
-
-
 class BoundTarget:
     """The per-sample target bound to parameters generated once: ``bound(x) = target(x, params)``; see
     :meth:`HyperNetwork.bind`. ``params`` is the flat ``(B, P)`` tensor, still attached to the hypernetwork's
@@ -208,7 +183,7 @@ class HyperNetwork(nn.Module):
       get half their default variance (the hyperfan-in scheme keeps the bias share of a layer's output variance
       small too).
 
-    ``tests/test_hypernetwork.py`` measures this contract: per layer, the pooled variance of the generated
+    ``tests/nn/test_hypernetwork_init.py`` measures this contract: per layer, the pooled variance of the generated
     weights within a factor 2 of the default variance, that of the biases at most the default.
     Shared parameters keep ``target``'s values.
 
@@ -368,46 +343,14 @@ class HyperNetwork(nn.Module):
         if cond.device != p.device:
             raise ValueError(f"cond: expected device {p.device} (the hypernetwork's parameters), got {cond.device}")
 
-    def _check_generated(self, out, batch: int, x: Optional[Tensor] = None):
-        """The user's hypernet output, checked: a ``(B, P)`` tensor or a dict of ``(B, *shape)`` tensors, floating,
-        one dtype and device (those of ``x`` when given)."""
+    def _check_generated(self, out, batch: int, x=None):
+        """The user's hypernet output, checked like ``target``'s params (a ``(B, P)`` tensor or a dict of
+        ``(B, *shape)`` tensors), of one dtype and device: those of ``x`` when given."""
         what = f"hypernet output ({type(self.hypernet).__name__})"
-        layout = self.layout
-        expected = (f"a ({batch}, {layout.numel}) tensor (B = cond.shape[0], P = the target's per-sample parameters)"
-                    f" or a dict {{name: (B, *shape)}} with keys {layout.names}")
-        if isinstance(out, Tensor):
-            if out.dim() != 2 or tuple(out.shape) != (batch, layout.numel):
-                raise ValueError(f"{what}: expected {expected}, got a tensor of shape {tuple(out.shape)}")
-            pieces = [(what, out)]
-        elif isinstance(out, Mapping):
-            missing = [n for n in layout.names if n not in out]
-            extra = [n for n in out if n not in layout]
-            if missing or extra:
-                shared = [n for n in extra if n in self.target.shared_names]
-                note = f"; {shared} are shared (held by hnet.target): leave them out" if shared else ""
-                raise ValueError(f"{what}: dict keys do not match the target's per-sample parameters: missing "
-                                 f"{missing}, unexpected {extra} (expected exactly {layout.names}){note}")
-            pieces = []
-            for name, shape in layout.shapes.items():
-                t = out[name]
-                if not isinstance(t, Tensor):
-                    raise TypeError(f"{what}[{name!r}]: expected a Tensor (B, *shape), got {type(t).__name__}")
-                if tuple(t.shape) != (batch, *shape):
-                    raise ValueError(f"{what}[{name!r}]: expected shape {(batch, *shape)} (B = cond.shape[0]), "
-                                     f"got {tuple(t.shape)}")
-                pieces.append((f"{what}[{name!r}]", t))
-        else:
-            raise TypeError(f"{what}: expected {expected}, got {type(out).__name__}")
-        ref_dtype, ref_device, ref_name = pieces[0][1].dtype, pieces[0][1].device, pieces[0][0]
-        if x is not None:
-            ref_dtype, ref_device, ref_name = x.dtype, x.device, "x"
-        for name, t in pieces:
-            if not t.is_floating_point():
-                raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-            if t.dtype != ref_dtype:
-                raise TypeError(f"{name}: expected dtype {ref_dtype} (the dtype of {ref_name}), got {t.dtype}")
-            if t.device != ref_device:
-                raise ValueError(f"{name}: expected device {ref_device} (the device of {ref_name}), got {t.device}")
+        flat, given, _ = check_params(out, self.layout, self.target.shared_names, what, batch)
+        pieces = [(what, flat)] if flat is not None else [(f"{what}[{n!r}]", given[n]) for n in self.layout.names]
+        first = _first_tensor(x) if x is not None else None
+        check_same_dtype_device(([("x", first)] if first is not None else []) + pieces)
         return out
 
     def _generate(self, cond: Tensor, x: Optional[Tensor] = None):
@@ -437,17 +380,17 @@ class HyperNetwork(nn.Module):
         batch = cond.shape[0]
         if self.hypernet is None:
             p = self.head.weight
-            self.target._check_x(x, batch, p.dtype, p.device, "cond and the hypernetwork's parameters")
+            self.target.check_x(x, batch, p.dtype, p.device, "cond and the hypernetwork's parameters")
         else:  # the output's dtype and device are known once the module has run; the shapes now
             first = _first_tensor(x)
             if first is not None:
-                self.target._check_x(x, batch, first.dtype, first.device, "cond")
+                self.target.check_x(x, batch, first.dtype, first.device, "cond")
         fused_backend = self._fused_backend(x)
         if fused_backend is None:
             return self.target(x, self._generate(cond, x))
         if self.hypernet is not None:
             p = self.head.weight
-            self.target._check_x(x, batch, p.dtype, p.device, "the hypernetwork's last nn.Linear")
+            self.target.check_x(x, batch, p.dtype, p.device, "the hypernetwork's last nn.Linear")
         return self.target.forward_from_head(x, self.trunk(cond), self.head.weight, self.head.bias, fused_backend)
 
     def _fused_refusal(self) -> str:
@@ -494,13 +437,6 @@ class HyperNetwork(nn.Module):
                                  f"tensor x; got a {type(x).__name__} of inputs: use fused=None or False")
             return None
         p = self.head.weight
-        backend = self.target.backend
-        named = None
-        if backend != "auto":  # what the user named: validated here, then fused with it or generate
-            named = resolve_backend(backend, op="hyper_linear", device=p.device, dtype=p.dtype, batch=x.shape[0],
-                                    n=1, k=self.target.layout_in_features, m=1)
-        if self.fused is True:
-            return named or choose_hyper_linear(p.device, p.dtype, [])
         # One decision for the whole network: the cost model of both ways summed over the generated layers.
-        choice = choose_hyper_linear(p.device, p.dtype, self._hyper_layers(x), impl=named)
-        return None if choice == GENERATE else choice
+        layers = [] if self.fused else self._hyper_layers(x)
+        return hyper_linear_way(self.target.backend, p.device, p.dtype, layers, may_generate=self.fused is None)

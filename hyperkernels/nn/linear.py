@@ -4,9 +4,8 @@ from typing import Optional
 
 from torch import Tensor
 
-from .._dispatch import implements, resolve_backend
 from ..activations import DEFAULT_SINE_W0
-from ..functional import batched_linear, batched_mlp
+from ..functional import batched_linear, batched_mlp, mlp_op_available
 from ._base import BatchedLayer, Params
 
 
@@ -44,7 +43,4 @@ class BatchedLinear(BatchedLayer):
         if not (isinstance(params, Tensor) and params.dim() == 2 and bias is None and isinstance(x, Tensor)
                 and x.dim() in (2, 3) and x.shape[0] > 0):
             return False
-        n = x.shape[1] if x.dim() == 3 else 1
-        impl = resolve_backend(self.backend, op="batched_linear", device=x.device, dtype=x.dtype, batch=x.shape[0],
-                               n=n, k=self.in_features, m=self.out_features)
-        return implements(impl, "batched_mlp")
+        return mlp_op_available(self.backend, x.device, x.dtype)

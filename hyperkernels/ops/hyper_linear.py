@@ -6,6 +6,9 @@ out, bias))``) in place of per-sample weights, and ``x (B, N, in)``. The forward
 ``hyperkernels::batched_linear``: the pre-activation only when the activation's derivative needs it and a
 gradient will be asked for (else an empty tensor; the backward recomputes it if needed).
 
+:func:`apply_hyper_linear` is how the layers above call it: it resolves the backend and runs the op, PyTorch's own
+composition, or (where ``backend="auto"`` and the cost model in ``_dispatch.py`` says so) generate-then-apply.
+
 Double backward: the backward op's autograd formula differentiates the generate-then-apply PyTorch composition
 twice (``_double_backward.py``), whatever backend ran the first two passes.
 """
@@ -16,10 +19,44 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._dispatch import get_backend
-from ..activations import get_activation
+from .._dispatch import HyperShape, generate_is_better, get_backend, resolve_backend, runs_as_composition
+from ..activations import Activation, get_activation
 from ..backends.torch import hyper_linear as torch_hyper
 from ._double_backward import backward_of_backward
+from ._grad import grad_will_be_needed
+from .linear import apply_linear
+
+__all__ = ["apply_hyper_linear", "hyper_linear_way", "hyper_linear_op", "hyper_linear_backward_op"]
+
+
+def apply_hyper_linear(x: Tensor, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor], out_features: int,
+                       bias: bool, act: Activation, w0: float, backend: str) -> Tensor:
+    """hyper_linear on validated inputs, ``x (B, N, in)``: the fused op, its PyTorch composition, or, under "auto"
+    where the cost model prefers it, generate-then-apply (the weights materialised by one GEMM, then
+    :func:`apply_linear`)."""
+    batch, n, in_features = x.shape
+    grad = grad_will_be_needed(x, h, head_weight, head_bias)
+    layer = HyperShape(batch, n, in_features, out_features, h.shape[1], bias, head_bias is not None,
+                       x.element_size(), grad, grad and x.requires_grad)
+    impl = hyper_linear_way(backend, x.device, x.dtype, [layer], may_generate=backend == "auto",
+                            empty=x.numel() == 0 or h.numel() == 0)
+    if impl is None:
+        weight, c = torch_hyper.generate(h, head_weight, head_bias, out_features, in_features, bias)
+        return apply_linear(x, weight, c, act, w0, False, "auto")
+    if runs_as_composition(impl, "hyper_linear", n):
+        return torch_hyper.reference_forward(x, h, head_weight, head_bias, out_features, bias, act, w0)
+    save_preact = act.needs_preactivation and grad
+    return hyper_linear_op(x, h, head_weight, head_bias, out_features, bias, act.name, w0, save_preact, impl)[0]
+
+
+def hyper_linear_way(backend: str, device: torch.device, dtype: torch.dtype, layers: Sequence[HyperShape], *,
+                     may_generate: bool, empty: bool = False) -> Optional[str]:
+    """The backend that runs ``layers`` (one after the other) fused, or None to generate their weights and apply
+    them, which only ``may_generate`` allows and only where the cost model says it is better."""
+    impl = resolve_backend(backend, op="hyper_linear", device=device, dtype=dtype, empty=empty)
+    if may_generate and not empty and generate_is_better(device, dtype, layers, impl):
+        return None
+    return impl
 
 
 @torch.library.custom_op("hyperkernels::hyper_linear", mutates_args=())

@@ -1,7 +1,8 @@
 """``hyperkernels::batched_linear`` and its backward, registered with ``torch.library``.
 
 Both linear (token-major) and 1x1 conv (channel-major) layouts go through this one op pair; the
-``channel_major`` flag tells the backend which one it is looking at.
+``channel_major`` flag tells the backend which one it is looking at. :func:`apply_linear` is how the layers above
+call it: it resolves the backend and runs the op, or PyTorch's own composition where the op would buy nothing.
 
 The forward returns ``(y, preact)``: the pre-activation is kept only when the activation's derivative
 needs it and a gradient will be asked for (otherwise it is an empty tensor, and the backward
@@ -17,10 +18,48 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._dispatch import get_backend
-from ..activations import get_activation
+from .._dispatch import get_backend, resolve_backend, runs_as_composition
+from ..activations import Activation, get_activation
 from ..backends.torch import linear as torch_linear
 from ._double_backward import backward_of_backward
+from ._grad import grad_will_be_needed
+
+__all__ = ["apply_linear", "linear_runs_as_composition", "batched_linear_op", "batched_linear_backward_op"]
+
+
+def apply_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activation, w0: float, channel_major: bool,
+                 backend: str) -> Tensor:
+    """The per-sample linear layer on validated inputs: ``x (B, N, in)``, or ``(B, in, S)`` when ``channel_major``
+    (the 1x1 conv layout); ``weight (B, out, in)``, ``bias (B, out)`` or None, any strides. Returns ``y`` contiguous
+    in ``x``'s layout."""
+    op = "batched_conv1x1" if channel_major else "batched_linear"
+    impl = resolve_backend(backend, op=op, device=x.device, dtype=x.dtype,
+                           empty=x.numel() == 0 or weight.numel() == 0)
+    if runs_as_composition(impl, op, x.shape[2] if channel_major else x.shape[1]):
+        formulation = "conv" if impl == "torch_conv" else "bmm"
+        return torch_linear.linear_forward(x, weight, bias, act, w0, channel_major, False, formulation)[0]
+    save_preact = act.needs_preactivation and grad_will_be_needed(x, weight, bias)
+    return batched_linear_op(x, weight, bias, act.name, w0, channel_major, save_preact, impl)[0]
+
+
+def linear_runs_as_composition(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`apply_linear` runs PyTorch's own composition (bmm, bias, activation: the torch backend) on
+    non-empty tensors of this device and dtype, which is also what vmap runs for ``F.linear``."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return _runs_as_composition_here(backend, device, dtype)
+
+
+@torch.compiler.assume_constant_result
+def _runs_as_composition_here(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    key = (backend, device, dtype)
+    if key not in _COMPOSITION:  # linear layers are decided by device and dtype alone: one lookup per kind
+        impl = resolve_backend(backend, op="batched_linear", device=device, dtype=dtype)
+        _COMPOSITION[key] = runs_as_composition(impl, "batched_linear", 1)
+    return _COMPOSITION[key]
+
+
+_COMPOSITION: dict = {}
 
 
 def _output_shape(x: Tensor, weight: Tensor, channel_major: bool) -> tuple[int, int, int]:

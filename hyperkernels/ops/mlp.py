@@ -4,10 +4,11 @@ The op takes the flat ``(B, P)`` parameters and where each layer sits in them (a
 int lists), so its backward writes one ``(B, P)`` gradient instead of one zero-filled ``(B, P)`` buffer
 per layer view.
 
-The forward returns ``(y, saved)``: when the backend keeps per-layer values for the backward
-(``save_hidden``), ``saved[l]`` is layer l's pre- or post-activation ``(B, N, sizes[l+1])`` as
-``backends.torch.mlp.saved_kinds`` says (an empty tensor where nothing is kept); otherwise ``saved`` is an
-empty list and the backward recomputes what it needs.
+The forward returns ``(y, saved)``: when asked to save each layer's values for the backward (``save_layers``),
+``saved[l]`` is layer l's pre- or post-activation ``(B, N, sizes[l+1])`` as ``MLPSpec.saved_kinds`` says (an empty
+tensor where nothing is saved); otherwise ``saved`` is an empty list and the backward recomputes what it needs.
+:func:`apply_mlp` is how the layers above call it: it resolves the backend, decides whether saving pays, and runs
+the op, or PyTorch's own composition where the op would buy nothing.
 """
 from __future__ import annotations
 
@@ -16,11 +17,42 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .._dispatch import get_backend
-from ..activations import get_activation
+from .._dispatch import get_backend, implements, mlp_saves_layers, resolve_backend, runs_as_composition
+from ..activations import Activation, get_activation
 from ..backends.torch import mlp as torch_mlp
 from ..layout import MLPSpec
 from ._double_backward import backward_of_backward
+from ._grad import grad_will_be_needed
+
+__all__ = ["apply_mlp", "mlp_op_runs", "mlp_op_available", "batched_mlp_op", "batched_mlp_backward_op"]
+
+
+def apply_mlp(x: Tensor, params: Tensor, spec: MLPSpec, act: Activation, out_act: Activation, w0: float,
+              backend: str) -> Tensor:
+    """The per-sample MLP on validated inputs: ``x (B, N, in)``, ``params (B, spec.numel)`` (read in place)."""
+    impl = resolve_backend(backend, op="batched_mlp", device=x.device, dtype=x.dtype, widths=spec.sizes,
+                           empty=x.numel() == 0 or params.shape[0] == 0 or 0 in spec.sizes)
+    single_point = x.shape[1] == 1
+    if runs_as_composition(impl, "batched_mlp", x.shape[1]):
+        return torch_mlp.reference_forward(x, params, spec, act, out_act, w0)
+    save_layers = grad_will_be_needed(x, params) and mlp_saves_layers(impl, single_point)
+    return batched_mlp_op(x, params, spec.sizes, spec.weight_offsets, spec.bias_offsets, act.name, out_act.name, w0,
+                          save_layers, impl)[0]
+
+
+def mlp_op_available(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the backend that runs per-sample linear layers here also has a fused MLP op."""
+    return implements(resolve_backend(backend, op="batched_linear", device=device, dtype=dtype), "batched_mlp")
+
+
+def mlp_op_runs(backend: str, device: torch.device, dtype: torch.dtype, n: int, sizes: Sequence[int]) -> bool:
+    """Whether :func:`apply_mlp` on ``n`` points per sample through layers ``sizes`` runs the fused op (rather than
+    the plain composition the torch backend runs at many points per sample, ``_dispatch.runs_as_composition``),
+    on a backend that has one."""
+    if not mlp_op_available(backend, device, dtype):
+        return False
+    impl = resolve_backend(backend, op="batched_mlp", device=device, dtype=dtype, widths=tuple(sizes))
+    return not runs_as_composition(impl, "batched_mlp", n)
 
 
 def _spec(sizes, weight_offsets, bias_offsets, numel) -> MLPSpec:
@@ -30,22 +62,22 @@ def _spec(sizes, weight_offsets, bias_offsets, numel) -> MLPSpec:
 @torch.library.custom_op("hyperkernels::batched_mlp", mutates_args=())
 def batched_mlp_op(
     x: Tensor, params: Tensor, sizes: Sequence[int], weight_offsets: Sequence[int], bias_offsets: Sequence[int],
-    activation: str, output_activation: str, w0: float, save_hidden: bool, backend: str,
+    activation: str, output_activation: str, w0: float, save_layers: bool, backend: str,
 ) -> tuple[Tensor, list[Tensor]]:
     spec = _spec(sizes, weight_offsets, bias_offsets, params.shape[1])
     return get_backend(backend).mlp_forward(
-        x, params, spec, get_activation(activation), get_activation(output_activation), w0, save_hidden
+        x, params, spec, get_activation(activation), get_activation(output_activation), w0, save_layers
     )
 
 
 @batched_mlp_op.register_fake
-def _(x, params, sizes, weight_offsets, bias_offsets, activation, output_activation, w0, save_hidden, backend):
+def _(x, params, sizes, weight_offsets, bias_offsets, activation, output_activation, w0, save_layers, backend):
     batch, n = x.shape[:2]
     y = x.new_empty((batch, n, sizes[-1]))
-    if not save_hidden:
+    if not save_layers:
         return y, []
     spec = _spec(sizes, weight_offsets, bias_offsets, params.shape[1])
-    kinds = torch_mlp.saved_kinds(spec, get_activation(activation), get_activation(output_activation))
+    kinds = spec.saved_kinds(get_activation(activation), get_activation(output_activation))
     return y, [x.new_empty((batch, n, m) if kind != "-" else (0,)) for m, kind in zip(sizes[1:], kinds)]
 
 
@@ -72,7 +104,7 @@ def _(grad_y, x, params, y, saved, sizes, weight_offsets, bias_offsets, activati
 # -- autograd of the forward ---------------------------------------------------------------------
 
 def _forward_setup_context(ctx, inputs, output):
-    x, params, sizes, w_offs, b_offs, activation, output_activation, w0, save_hidden, backend = inputs
+    x, params, sizes, w_offs, b_offs, activation, output_activation, w0, save_layers, backend = inputs
     y, saved = output
     ctx.save_for_backward(x, params, y, *saved)
     ctx.attrs = (tuple(sizes), tuple(w_offs), tuple(b_offs), activation, output_activation, w0, backend)

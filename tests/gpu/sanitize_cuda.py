@@ -5,7 +5,7 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck --error-exitcode 86 \
         python tests/gpu/sanitize_cuda.py
 
-(``tests/test_cuda_backend.py::test_compute_sanitizer`` runs exactly this where the tool exists.)
+(``tests/backends/cuda/test_cuda_gpu.py::test_compute_sanitizer`` runs exactly this where the tool exists.)
 
 Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees an access past the end of a
 tensor instead of landing in a neighbour inside one cached segment. Inputs are made on the CPU and copied
@@ -13,12 +13,12 @@ over, outputs copied back, and the backend object is called directly (no autogra
 are hyperkernels' own, so the sanitizer's time goes to them.
 
 Each case is checked against a float64 CPU reference too (loosely: the sanitizer is the point), and the script
-exits non-zero on a mismatch. Paths covered (csrc/batched_linear.cu): gemv_rows_kernel with and without 16-byte
-vectors (and the scalar tail), group sizes 4 and 32; gemv_cols_kernel (forward with a transposed weight, and the
-N = 1 dx); gemm_kernel in FMA, TF32 and WMMA (float16 / bfloat16) math, with every load mode (vector, scalar
-along d, scalar along rows) and both epilogue orders, with and without a split reduction into the workspace;
-dz_db_mfast_kernel and dz_db_nfast_kernel with and without splits; outer_kernel; reduce_splits_kernel for dW
-and db; the shared-weight fold; an expanded grad_y (all strides 0).
+exits non-zero on a mismatch. Paths covered (csrc/gemv.cu, gemm.cu, reductions.cu): gemv_rows_kernel with and
+without 16-byte vectors (and the scalar tail), group sizes 4 and 32; gemv_cols_kernel (forward with a transposed
+weight, and the N = 1 dx); gemm_kernel in FMA, TF32 and WMMA (float16 / bfloat16) math, with every load mode
+(vector, scalar along d, scalar along rows) and both epilogue orders, with and without a split reduction into the
+workspace; dz_db_mfast_kernel and dz_db_nfast_kernel with and without splits; outer_kernel; reduce_splits_kernel
+for dW and db; the shared-weight fold; an expanded grad_y (all strides 0).
 """
 from __future__ import annotations
 

@@ -22,9 +22,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # What a build of csrc/ must export for the wrappers in linear.py: a module missing one of these is older than
 # this package.
 _REQUIRED = (
-    "linear_forward", "linear_backward", "linear_backward_workspace_size", "device_count", "driver_error",
-    "driver_version", "CUDART_VERSION", "CUDA_ARCHS", "DTYPE_FLOAT32", "DTYPE_FLOAT16", "DTYPE_BFLOAT16",
-    "ACTIVATIONS",
+    "linear_forward", "linear_backward", "linear_backward_workspace_size", "LinearForwardArgs",
+    "LinearBackwardArgs", "device_count", "driver_error", "driver_version", "CUDART_VERSION", "CUDA_ARCHS",
+    "DTYPE_FLOAT32", "DTYPE_FLOAT16", "DTYPE_BFLOAT16", "ACTIVATIONS",
 )
 
 _HOW_TO_BUILD = (
@@ -166,5 +166,9 @@ class CudaBackend:
         return linear.linear_backward(grad_y, x, weight, bias, y, preact, act, w0, channel_major, output_mask)
 
 
-def make_backend(variant: Optional[str] = None) -> CudaBackend:
+def make_backend(variant: None = None) -> CudaBackend:
+    """The backend object. The CUDA kernels have one formulation, so the registry's variant for "cuda" is None
+    (``_dispatch._IMPLEMENTATIONS``); any other value is a registry error."""
+    if variant is not None:
+        raise ValueError(f"variant: the cuda backend has one formulation and takes variant=None, got {variant!r}")
     return CudaBackend()

@@ -1,10 +1,19 @@
 r"""Per-sample linear / 1x1 conv on the CUDA C++ kernels: ``y[b] = act(x[b] @ W[b]^T + bias[b])``.
 
 Thin wrappers over ``hyperkernels._cuda`` (``csrc/batched_linear.h`` states the launchers' contract). Each one
-checks its tensors (devices, dtypes, shapes: errors name the argument), allocates the outputs and scratch with
-torch, and passes ``data_ptr()`` values, sizes and strides in elements to one launcher, on torch's current stream
-of the tensors' device, with that device current. Nothing here synchronises with the host or allocates outside
-torch's caching allocator, so the wrappers can be captured in a CUDA graph.
+allocates the outputs and scratch with torch and passes ``data_ptr()`` values, sizes and strides in elements to
+one launcher, as the fields of its argument struct (``LinearForwardArgs`` / ``LinearBackwardArgs``), on torch's
+current stream of the tensors' device, with that device current. Nothing here synchronises with the host or
+allocates outside torch's caching allocator, so the wrappers can be captured in a CUDA graph.
+
+What the wrappers rely on, and so do not check again: the functional API validated the arguments
+(``_validate.check_linear`` / ``check_conv1x1``: ranks, sizes that agree, one dtype and one device for x, weight
+and bias); dispatch admitted this backend for the device type and dtype (``CudaBackend.check_support``) and sent
+every empty problem (B, N, in or out = 0) to the torch backend (``_dispatch.resolve_backend``); the op's autograd
+hands the backward a ``grad_y`` shaped like ``y``, and ``y`` / ``preact`` are the forward's own outputs. What
+they check is what no layer above vouches for once the op is called by name (``backend="cuda"`` straight into
+``torch.ops.hyperkernels``) and what a kernel would turn into a memory fault instead of an error: that x is a
+CUDA tensor in a dtype the kernels have. The launchers check codes, sizes, null pointers and the workspace.
 
 Layouts. The kernels see every tensor token-major: ``x (B, N, K)``, ``weight (B, M, K)``, ``bias (B, M)``,
 ``y / preact / grad_y / dz (B, N, M)``, ``dx (B, N, K)``, ``dW (B, M, K)``, ``db (B, M)``. A channel-major (1x1
@@ -28,10 +37,9 @@ from torch import Tensor
 
 from ...activations import ACTIVATIONS, Activation
 from .._precision import tf32_allowed
-from ..torch import linear as torch_linear
+from . import _DTYPES
 
 _ACT_NONE = ACTIVATIONS["none"]
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # -- seams: the extension, the device check, the launch environment (tests replace these on CPU) -------------
@@ -53,7 +61,7 @@ def _launch_env(device: torch.device) -> tuple[contextlib.AbstractContextManager
     return torch.cuda.device(device), torch.cuda.current_stream(device).cuda_stream
 
 
-# -- checks ---------------------------------------------------------------------------------------------------
+# -- what the kernels need of the tensors ----------------------------------------------------------------------
 
 def _token_major(t: Optional[Tensor], channel_major: bool) -> Optional[Tensor]:
     """The (B, tokens, channels) view of a tensor in the op's layout (a transpose for channel-major)."""
@@ -62,60 +70,24 @@ def _token_major(t: Optional[Tensor], channel_major: bool) -> Optional[Tensor]:
     return t.transpose(1, 2) if channel_major else t
 
 
-def _check_type(name: str, t: object, shape_hint: str, ndim: int) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a Tensor of shape {shape_hint}, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D tensor of shape {shape_hint}, got shape {tuple(t.shape)}")
-
-
-def _check_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], channel_major: bool,
-                outputs: tuple[tuple[str, Optional[Tensor]], ...] = ()) -> tuple[int, int, int, int]:
-    """Checks what the launchers' caller contract requires of the inputs and returns (B, N, M, K).
-
-    ``outputs``: the backward's tensors in the op's output layout (grad_y, y, preact), None where not read."""
-    x_hint = "(B, in, S)" if channel_major else "(B, N, in)"
-    _check_type("x", x, x_hint, 3)
-    _check_type("weight", weight, "(B, out, in)", 3)
-    if channel_major:
-        batch, k, n = x.shape
-    else:
-        batch, n, k = x.shape
-    m = weight.shape[1]
-    if weight.shape[0] != batch or weight.shape[2] != k:
-        raise ValueError(f"weight: expected shape ({batch}, out, {k}) (batch and in of x {x_hint} = "
-                         f"{tuple(x.shape)}), got {tuple(weight.shape)}")
-    named = [("x", x), ("weight", weight)]
-    if bias is not None:
-        _check_type("bias", bias, "(B, out)", 2)
-        if tuple(bias.shape) != (batch, m):
-            raise ValueError(f"bias: expected shape ({batch}, {m}) (batch of x, out of weight), got {tuple(bias.shape)}")
-        named.append(("bias", bias))
-    out_shape = (batch, m, n) if channel_major else (batch, n, m)
-    for name, t in outputs:
-        if t is None:
-            continue
-        _check_type(name, t, str(out_shape), 3)
-        if tuple(t.shape) != out_shape:
-            raise ValueError(f"{name}: expected shape {out_shape} (the op's output for x {tuple(x.shape)} and "
-                             f"weight {tuple(weight.shape)}), got {tuple(t.shape)}")
-        named.append((name, t))
-    for name, t in named[1:]:
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+def _check_launchable(x: Tensor) -> None:
+    """What the kernels need that no layer above guarantees once the op is called by name (see the module
+    docstring): x, and so every tensor the API checked against it, is on a CUDA device, in a dtype with kernels."""
     _require_cuda(x)
     if x.dtype not in _DTYPES:
         extra = " (float64 runs on backend='torch')" if x.dtype == torch.float64 else ""
         raise TypeError(f"x: the cuda backend supports dtypes {list(_DTYPES)}, got {x.dtype}{extra}")
-    for name, t in named[1:]:
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
-    return batch, n, m, k
 
 
 def _dtype_code(ext, dtype: torch.dtype) -> int:
     return {torch.float32: ext.DTYPE_FLOAT32, torch.float16: ext.DTYPE_FLOAT16,
             torch.bfloat16: ext.DTYPE_BFLOAT16}[dtype]
+
+
+def _sizes(x: Tensor, weight: Tensor, channel_major: bool) -> tuple[int, int, int]:
+    """(B, N, M) of an op whose arguments the functional API validated."""
+    batch, n = (x.shape[0], x.shape[2]) if channel_major else (x.shape[0], x.shape[1])
+    return batch, n, weight.shape[1]
 
 
 # -- launches -------------------------------------------------------------------------------------------------
@@ -148,7 +120,7 @@ def _forward(ext, stream: int, xt: Tensor, weight: Tensor, bias: Optional[Tensor
     if _shared_single_token(n, batch, weight) and (bias is None or bias.stride(0) == 0):
         batch, n, sx, sy = 1, batch, _fold(sx), _fold(sy)
     sw, sb = _strides(weight), _strides(bias, 2)
-    ext.linear_forward(
+    ext.linear_forward(ext.LinearForwardArgs(
         dtype=_dtype_code(ext, xt.dtype), act=act_code, w0=float(w0), allow_tf32=tf32_allowed(),
         B=batch, N=n, M=m, K=k,
         x=_ptr(xt), sxb=sx[0], sxn=sx[1], sxk=sx[2],
@@ -157,7 +129,7 @@ def _forward(ext, stream: int, xt: Tensor, weight: Tensor, bias: Optional[Tensor
         y=_ptr(yt), syb=sy[0], syn=sy[1], sym=sy[2],
         preact=_ptr(zt),
         stream=stream,
-    )
+    ))
 
 
 def _backward(ext, stream: int, *, fold: bool, gt: Tensor, xt: Tensor, weight: Tensor, saved: Optional[Tensor],
@@ -180,7 +152,7 @@ def _backward(ext, stream: int, *, fold: bool, gt: Tensor, xt: Tensor, weight: T
     if workspace_bytes > 0:  # float32 scratch for split reductions; torch allocations are 512-byte aligned
         workspace = torch.empty(((workspace_bytes + 3) // 4,), dtype=torch.float32, device=xt.device)
     sw, sdw, sdb = _strides(weight), _strides(dw), _strides(db, 2)
-    ext.linear_backward(
+    ext.linear_backward(ext.LinearBackwardArgs(
         dtype=_dtype_code(ext, xt.dtype), act=act_code, w0=float(w0), allow_tf32=tf32_allowed(),
         B=batch, N=n, M=m, K=k,
         x=_ptr(xt), sxb=sx[0], sxn=sx[1], sxk=sx[2],
@@ -193,7 +165,7 @@ def _backward(ext, stream: int, *, fold: bool, gt: Tensor, xt: Tensor, weight: T
         db=_ptr(db), sdbb=sdb[0], sdbm=sdb[1],
         workspace=_ptr(workspace), workspace_bytes=0 if workspace is None else workspace.numel() * 4,
         stream=stream,
-    )
+    ))
 
 
 # -- the backend interface (hyperkernels/backends/__init__.py) -------------------------------------------------
@@ -202,11 +174,9 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activ
                    channel_major: bool, save_preact: bool) -> tuple[Tensor, Tensor]:
     """``(y, preact)``, contiguous in the op's layout; ``preact`` is empty unless ``save_preact`` and the
     activation's derivative needs it (what the op's fake implementation promises)."""
-    batch, n, m, k = _check_args(x, weight, bias, channel_major)
+    _check_launchable(x)
+    batch, n, m = _sizes(x, weight, channel_major)
     keep = save_preact and act.needs_preactivation
-    if batch == 0 or n == 0 or m == 0 or k == 0:  # nothing to launch: every empty-size rule lives in torch's backend
-        y, z = torch_linear.linear_forward(x, weight, bias, act, w0, channel_major, keep, "bmm")
-        return y.contiguous(), (z.contiguous() if keep else x.new_empty(0))
     shape = (batch, m, n) if channel_major else (batch, n, m)
     y = x.new_empty(shape)
     z = x.new_empty(shape) if keep else None
@@ -224,17 +194,11 @@ def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     needed. ``preact`` may be empty: for activations whose derivative needs it, it is recomputed (one forward
     launch without activation)."""
     need_dx, need_dw, need_db = (bool(v) for v in output_mask)
-    reads_y = act.code != _ACT_NONE.code and not act.needs_preactivation
+    _check_launchable(x)
+    batch, n, m = _sizes(x, weight, channel_major)
     given_preact = None  # read only by activations whose derivative needs z; empty: not kept by the forward
-    if act.needs_preactivation and isinstance(preact, Tensor) and preact.numel() > 0:
+    if act.needs_preactivation and preact.numel() > 0:
         given_preact = preact
-    batch, n, m, k = _check_args(
-        x, weight, bias, channel_major,
-        outputs=(("grad_y", grad_y), ("y", y if reads_y else None), ("preact", given_preact)),
-    )
-    if batch == 0 or n == 0 or m == 0 or k == 0:
-        return torch_linear.linear_backward(grad_y, x, weight, bias, y, preact, act, w0, channel_major,
-                                            (need_dx, need_dw, need_db), "bmm")
     dx = x.new_empty(x.shape) if need_dx else None  # contiguous in x's layout
     dw = x.new_empty(weight.shape) if need_dw else None
     db = x.new_empty((batch, m)) if need_db else None

@@ -35,15 +35,15 @@ class TorchBackend:
                                        self.formulation)
 
     # MLP: layer by layer with bmm whatever the formulation (the layers are small, and bmm wins on CPU).
-    def mlp_keeps_hidden(self, single_point: bool) -> bool:
-        """Always: recomputing the forward would cost as much again as keeping it."""
+    def mlp_saves_layers(self, single_point: bool) -> bool:
+        """Always: recomputing the forward would cost as much again as saving it."""
         return True
 
-    def mlp_forward(self, x, params, spec, act, out_act, w0, save_hidden):
-        return _mlp.mlp_forward(x, params, spec, act, out_act, w0, save_hidden)
+    def mlp_forward(self, x, params, spec, act, out_act, w0, save_layers):
+        return _mlp.mlp_forward(x, params, spec, act, out_act, w0, save_layers)
 
-    def mlp_backward(self, grad_y, x, params, y, hidden, spec, act, out_act, w0, output_mask):
-        return _mlp.mlp_backward(grad_y, x, params, y, hidden, spec, act, out_act, w0, output_mask)
+    def mlp_backward(self, grad_y, x, params, y, saved, spec, act, out_act, w0, output_mask):
+        return _mlp.mlp_backward(grad_y, x, params, y, saved, spec, act, out_act, w0, output_mask)
 
     # Hyper-fused linear: the outer-product GEMMs, chunked over rows (the formulation does not apply).
     def hyper_linear_forward(self, x, h, head_weight, head_bias, out_features, bias, act, w0, save_preact):

@@ -1,6 +1,6 @@
 """The per-sample MLP in pure PyTorch, layer by layer with bmm: the CPU fallback and the reference.
 
-What the forward keeps for the backward is described by :func:`saved_kinds`.
+What the forward saves for the backward is the op's contract, :meth:`MLPSpec.saved_kinds`.
 """
 from __future__ import annotations
 
@@ -22,41 +22,25 @@ def layer_params(params: Tensor, spec: MLPSpec, i: int) -> tuple[Tensor, Optiona
     return weight, bias
 
 
-def layer_activation(i: int, spec: MLPSpec, act: Activation, out_act: Activation) -> Activation:
-    return out_act if i == spec.num_layers - 1 else act
-
-
 def reference_forward(x: Tensor, params: Tensor, spec: MLPSpec, act: Activation, out_act: Activation,
                       w0: float) -> Tensor:
     """y from differentiable PyTorch ops (what double backward differentiates)."""
     h = x
     for i in range(spec.num_layers):
         weight, bias = layer_params(params, spec, i)
-        h = layer_activation(i, spec, act, out_act).forward(torch_linear.preactivation(h, weight, bias, False, "bmm"), w0)
+        h = spec.layer_activation(i, act, out_act).forward(torch_linear.preactivation(h, weight, bias, False, "bmm"), w0)
     return h
 
 
-def saved_kinds(spec: MLPSpec, act: Activation, out_act: Activation) -> list[str]:
-    """What the forward keeps of each layer for the backward, when it keeps anything: the pre-activation
-    ``"z"`` where the activation's backward needs it, else the post-activation ``"h"``; the last layer's
-    ``"h"`` is the output itself, so nothing (``"-"``)."""
-    kinds = []
-    for i in range(spec.num_layers):
-        a = layer_activation(i, spec, act, out_act)
-        last = i == spec.num_layers - 1
-        kinds.append("z" if a.needs_preactivation else ("-" if last else "h"))
-    return kinds
-
-
-def mlp_forward(x, params, spec: MLPSpec, act: Activation, out_act: Activation, w0: float, save_hidden: bool):
-    kinds = saved_kinds(spec, act, out_act)
+def mlp_forward(x, params, spec: MLPSpec, act: Activation, out_act: Activation, w0: float, save_layers: bool):
+    kinds = spec.saved_kinds(act, out_act)
     saved = []
     h = x
     for i in range(spec.num_layers):
         weight, bias = layer_params(params, spec, i)
         z = torch_linear.preactivation(h, weight, bias, False, "bmm")
-        h = layer_activation(i, spec, act, out_act).forward(z, w0)
-        if save_hidden:
+        h = spec.layer_activation(i, act, out_act).forward(z, w0)
+        if save_layers:
             saved.append({"z": z, "h": h, "-": h.new_empty(0)}[kinds[i]])
     return h.contiguous(), saved
 
@@ -66,10 +50,10 @@ def mlp_backward(grad_y, x, params, y, saved, spec: MLPSpec, act: Activation, ou
     need_x, need_params = output_mask
     if not saved:
         saved = mlp_forward(x, params, spec, act, out_act, w0, True)[1]
-    kinds = saved_kinds(spec, act, out_act)
+    kinds = spec.saved_kinds(act, out_act)
     zs = [t if kind == "z" else None for t, kind in zip(saved, kinds)]
     # Each layer's output: kept, recomputed from the kept z, or (last layer) the op's output.
-    hs = [layer_activation(i, spec, act, out_act).forward(t, w0) if kind == "z" else t
+    hs = [spec.layer_activation(i, act, out_act).forward(t, w0) if kind == "z" else t
           for i, (t, kind) in enumerate(zip(saved, kinds))]
     hs[-1] = y
     hs.insert(0, x)  # hs[i] is layer i's input

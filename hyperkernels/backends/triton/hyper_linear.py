@@ -49,20 +49,22 @@ import triton.language as tl
 from torch import Tensor
 
 from ...activations import ACTIVATIONS, Activation
-from .activations import activation_forward, activation_grad
-from ._compat import loop_bound
-from .linear import (
-    _INTERPRETER_GEMM_TILE,
-    _MIN_ROWS_PER_SPLIT,
-    INTERPRET,
-    _check_grid,
-    _device_guard,
-    _device_sms,
-    _dot_precision,
-    _gemm_prune,
-    _n_bucket,
-    _upcast,
+from ..torch.hyper_linear import split_head
+from ._config import INTERPRET
+from ._jit import load_dz, loop_bound
+from ._launch import (
+    check_grid,
+    device_guard,
+    dot_flags,
+    gemm_configs,
+    gemm_prune,
+    index64,
+    n_bucket,
+    split_count,
+    split_rows,
+    sum_splits,
 )
+from .activations import activation_forward
 
 _ACT_NONE = ACTIVATIONS["none"]
 
@@ -70,11 +72,11 @@ _ACT_NONE = ACTIVATIONS["none"]
 # Autotune configs
 # ------------------------------------------------------------------------------------------------------
 
-# (rows, columns, reduction, num_warps, num_stages). The formed operand lives in registers (two gathered
-# loads and their product per element), so reductions stay at 16-32 and tiles of 8192+ outputs get 8 warps:
-# AOT-compiled for sm_90 with triton 3.9 (bf16, cuobjdump --dump-resource-usage), 64-deep steps spill hundreds
-# of bytes of registers, and so do 128x64 / 64x128 tiles on 4 warps; the tiles below spill nothing, except
-# 128x128 with a gelu epilogue (~150 bytes).
+# (rows, columns, reduction, num_warps, num_stages): a table of its own, laid out like linear_gemm.py's, since the
+# formed operand changes what fits. It lives in registers (two gathered loads and their product per element), so
+# reductions stay at 16-32 and tiles of 8192+ outputs get 8 warps: AOT-compiled for sm_90 with triton 3.9 (bf16,
+# cuobjdump --dump-resource-usage), 64-deep steps spill hundreds of bytes of registers, and so do 128x64 / 64x128
+# tiles on 4 warps; the tiles below spill nothing, except 128x128 with a gelu epilogue (~150 bytes).
 _TILES = [
     (128, 128, 32, 8, 3),
     (128, 64, 32, 8, 3),
@@ -92,8 +94,13 @@ _TILES = [
 
 
 def _configs(rows: str, cols: str, red: str, interpret: bool = INTERPRET) -> list[triton.Config]:
-    tiles = [_INTERPRETER_GEMM_TILE] if interpret else _TILES
-    return [triton.Config({rows: r, cols: c, red: k}, num_warps=w, num_stages=s) for r, c, k, w, s in tiles]
+    return gemm_configs(_TILES, rows, cols, red, interpret)
+
+
+# The GEMM pruning (``_launch.gemm_prune``) was first written for linear's table, whose float32-only tiles include
+# these two, and it kept them from 16-bit operands here too: the offline resource checks measured this kernel's
+# 16-bit configs without them, so they stay out.
+_NOT_16BIT = frozenset({(128, 64, 32, 8, 3), (64, 128, 32, 8, 3)})
 
 
 # ROLE (forward / dx / dh, or which dG) is part of the autotune key: equal sizes can mean different operands.
@@ -127,9 +134,9 @@ def _extra_dot(acc, rows_ptr, stride_col, size, e_ptr, stride_ep, stride_ec, off
 @triton.autotune(
     configs=_configs("BLOCK_R", "BLOCK_C", "BLOCK_J"),
     key=["C", "P", "Q", "R_BUCKET", "ROLE"],
-    prune_configs_by={"early_config_prune": _gemm_prune(
+    prune_configs_by={"early_config_prune": gemm_prune(
         "BLOCK_R", "BLOCK_C", "BLOCK_J", {"BLOCK_R": "R", "BLOCK_C": "C", "BLOCK_J": "PQ"}, "g_ptr",
-        operand_strides=("stride_gf", "stride_gc"))},
+        operand_strides=("stride_gf", "stride_gc"), not_16bit=_NOT_16BIT)},
 )
 @triton.jit
 def _row_gemm_kernel(
@@ -205,9 +212,9 @@ def _row_gemm_kernel(
 @triton.autotune(
     configs=_configs("BLOCK_C", "BLOCK_J", "BLOCK_R"),
     key=["C", "P", "Q", "R_BUCKET", "ROLE"],
-    prune_configs_by={"early_config_prune": _gemm_prune(
+    prune_configs_by={"early_config_prune": gemm_prune(
         "BLOCK_C", "BLOCK_J", "BLOCK_R", {"BLOCK_C": "C", "BLOCK_J": "PQ", "BLOCK_R": "R"}, "dz_ptr",
-        operand_strides=("stride_dzr", "stride_dzc"))},
+        operand_strides=("stride_dzr", "stride_dzc"), not_16bit=_NOT_16BIT)},
 )
 @triton.jit
 def _dg_kernel(
@@ -294,14 +301,8 @@ def _dz_kernel(
     for o0 in range(0, loop_bound(O), BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
         mask = mask_r[:, None] & (offs_o < O)[None, :]
-        g = tl.load(g_rows[:, None] + offs_o[None, :] * stride_go, mask=mask, other=0.0)
-        y = g
-        z = g
-        if LOAD_Y:
-            y = tl.load(y_rows[:, None] + offs_o[None, :] * stride_yo, mask=mask, other=0.0)
-        if LOAD_Z:
-            z = tl.load(z_rows[:, None] + offs_o[None, :] * stride_zo, mask=mask, other=0.0)
-        dz = activation_grad(g, z, y, w0, ACT)
+        dz = load_dz(g_rows[:, None] + offs_o[None, :] * stride_go, y_rows[:, None] + offs_o[None, :] * stride_yo,
+                     z_rows[:, None] + offs_o[None, :] * stride_zo, mask, w0, ACT, LOAD_Y, LOAD_Z)
         tl.store(dz_ptr + offs_r[:, None] * O + offs_o[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -309,22 +310,10 @@ def _dz_kernel(
 # Launchers
 # ------------------------------------------------------------------------------------------------------
 
-_INT32_MAX = 2**31 - 1
 # _dz_kernel's tile: 32 rows x 128 outputs is 4096 elements in flight per program, plenty for an elementwise pass,
 # over 8 warps: 16 elements per thread (4 warps' 32, each with its own addresses where rows are unaligned, spilled
 # 40-64 B with gelu at 11 outputs in sm_90 builds of triton 3.6 and 3.9; 8 warps: none).
 _DZ_BLOCK_R, _DZ_BLOCK_O, _DZ_WARPS = 32, 128, 8
-
-
-def _extent(t: Optional[Tensor]) -> int:
-    """The largest element offset of a view (sizes times strides, every dim)."""
-    if t is None:
-        return 0
-    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
-
-
-def _index64(*views: Optional[Tensor]) -> bool:
-    return any(_extent(v) > _INT32_MAX for v in views)
 
 
 def _row_strides(t: Optional[Tensor]) -> tuple[int, int, int]:
@@ -335,12 +324,6 @@ def _row_strides(t: Optional[Tensor]) -> tuple[int, int, int]:
     return t.stride(0), (0 if t.shape[1] == 1 else t.stride(1)), t.stride(2)
 
 
-def _flat(t: Tensor, rows: int, cols: int) -> Tensor:
-    """``t`` as a ``(rows, cols)`` matrix, a view where the strides allow it, else one contiguous copy (a head-sized
-    tensor, never a batch-sized one)."""
-    return t.reshape(rows, cols)
-
-
 def _launch_rows(role, t1, t2, g2, e2, e3, e4, out, z, act, w0):
     """``_row_gemm_kernel``: ``t1 (B, N, P)``, ``t2 (B, N|1, Q)``, ``g2 (P*Q, C)``, ``e2 (P, C)``, ``e3 (Q, C)``,
     ``e4 (C,)`` (each ``e`` optional), into ``out`` / ``z`` ``(R, C)``."""
@@ -349,11 +332,11 @@ def _launch_rows(role, t1, t2, g2, e2, e3, e4, out, z, act, w0):
     c = g2.shape[1]
     r = batch * n
     save = z is not None
-    grid = lambda meta: (_check_grid(triton.cdiv(r, meta["BLOCK_R"]) * triton.cdiv(c, meta["BLOCK_C"])),)
+    grid = lambda meta: (check_grid(triton.cdiv(r, meta["BLOCK_R"]) * triton.cdiv(c, meta["BLOCK_C"])),)  # noqa: E731
     _row_gemm_kernel[grid](
         t1, t2, g2, g2 if e2 is None else e2, g2 if e3 is None else e3, g2 if e4 is None else e4,
         out, out if z is None else z,
-        r, n, c, p, q, p * q, _n_bucket(r), role,
+        r, n, c, p, q, p * q, n_bucket(r), role,
         *_row_strides(t1), *_row_strides(t2), g2.stride(0), g2.stride(1),
         *(e2.stride() if e2 is not None else (0, 0)),
         *(e3.stride() if e3 is not None else (0, 0)),
@@ -361,60 +344,46 @@ def _launch_rows(role, t1, t2, g2, e2, e3, e4, out, z, act, w0):
         out.stride(0), out.stride(1),
         w0,
         ACT=act.code, SAVE_PREACT=save, HAS_E2=e2 is not None, HAS_E3=e3 is not None, HAS_E4=e4 is not None,
-        DOT_PRECISION=_dot_precision(t1.dtype), UPCAST=_upcast(t1.dtype), INDEX64=_index64(g2, e2, e3, e4),
+        INDEX64=index64(g2, e2, e3, e4), **dot_flags(t1.dtype),
     )
 
 
 def _dg_splits(c: int, pq: int, rows: int, device: torch.device) -> int:
-    """How many slices of the rows the dG kernel splits into: more than one only when one program per 64x64
-    output tile would leave most of the GPU idle and there are rows enough to share (the bias terms are a few
-    tiles, each reducing over all B*N rows)."""
-    sms = _device_sms(device)
-    if sms is None or rows < 2 * _MIN_ROWS_PER_SPLIT:
-        return 1
-    tiles = triton.cdiv(c, 64) * triton.cdiv(pq, 64)
-    if tiles >= 2 * sms:
-        return 1
-    return max(1, min(triton.cdiv(4 * sms, tiles), rows // _MIN_ROWS_PER_SPLIT))
+    """How many slices of the rows the dG kernel splits into (one program per 64x64 output tile is the parallelism
+    it has without splitting; the bias terms are a few tiles, each reducing over all B*N rows). Its own name, so that
+    the tests and bench/gpu_smoke.py can force a split on CPU by replacing it."""
+    return split_count(triton.cdiv(c, 64) * triton.cdiv(pq, 64), rows, device)
 
 
 def _launch_dg(role, dz2, u, v, out2, n, p, q):
     """``out2[c, f] = sum_r dz2[r, c] u[r, f // q] v[r, f % q]``: ``u`` / ``v`` ``(B, N|1, p|q)`` views, or None
     for a column of ones (then ``p`` / ``q`` is 1); ``out2`` any ``(C, p*q)`` view."""
     r, c = dz2.shape
-    splits = _dg_splits(c, p * q, r, dz2.device)
-    per_split = triton.cdiv(triton.cdiv(r, splits), 128) * 128 if splits > 1 else r
-    splits = triton.cdiv(r, per_split)
+    splits, per_split = split_rows(r, _dg_splits(c, p * q, r, dz2.device))
     target = out2 if splits == 1 else torch.empty((splits, c, p * q), dtype=torch.float32, device=dz2.device)
     out_strides = (0, *out2.stride()) if splits == 1 else target.stride()
-    grid = lambda meta: (_check_grid(splits * triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(p * q, meta["BLOCK_J"])),)
+
+    def grid(meta):
+        return (check_grid(splits * triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(p * q, meta["BLOCK_J"])),)
+
     _dg_kernel[grid](
         dz2, dz2 if u is None else u, dz2 if v is None else v, target,
-        r, n, c, p, q, p * q, _n_bucket(r), role, per_split,
+        r, n, c, p, q, p * q, n_bucket(r), role, per_split,
         dz2.stride(0), dz2.stride(1), *_row_strides(u), *_row_strides(v), *out_strides,
         U_ONES=u is None, V_ONES=v is None,
-        DOT_PRECISION=_dot_precision(dz2.dtype), UPCAST=_upcast(dz2.dtype), INDEX64=_index64(out2, target),
+        INDEX64=index64(out2, target), **dot_flags(dz2.dtype),
     )
     if splits > 1:
-        out2.copy_(target.sum(0))
-
-
-def _split_head(head_weight, head_bias, out_features, in_features, bias):
-    from ..torch.hyper_linear import split_head
-
-    return split_head(head_weight, head_bias, out_features, in_features, bias)
-
-
-def _empty_problem(x: Tensor, h: Tensor, out_features: int) -> bool:
-    return x.numel() == 0 or h.numel() == 0 or out_features == 0
+        sum_splits(target, out2, 0)
 
 
 def _forward_into(x, h, head_weight, head_bias, out_features, bias, y, z, act, w0):
     batch, n, i = x.shape
     k = h.shape[1]
     o = out_features
-    g_w3, g_c, gb_w, gb_c = _split_head(head_weight, head_bias, o, i, bias)
-    g2 = _flat(g_w3, o, i * k).t()  # (I*K, O): row f = i*K + k
+    g_w3, g_c, gb_w, gb_c = split_head(head_weight, head_bias, o, i, bias)
+    # (I*K, O): row f = i*K + k. A view where G_W's strides allow, else a copy of the head's size, never the batch's.
+    g2 = g_w3.reshape(o, i * k).t()
     _launch_rows(_FORWARD, x, h.unsqueeze(1), g2, None if gb_w is None else gb_w.t(),
                  None if g_c is None else g_c.t(), gb_c, y.view(batch * n, o),
                  None if z is None else z.view(batch * n, o), act, w0)
@@ -423,15 +392,11 @@ def _forward_into(x, h, head_weight, head_bias, out_features, bias, y, z, act, w
 def hyper_linear_forward(x: Tensor, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor], out_features: int,
                          bias: bool, act: Activation, w0: float, save_preact: bool) -> tuple[Tensor, Tensor]:
     """See ``hyperkernels/ops/hyper_linear.py``: ``(y, preact)``, contiguous ``(B, N, out)``."""
-    if _empty_problem(x, h, out_features):
-        from ..torch import hyper_linear as torch_hyper  # nothing to launch; one place for every empty-size rule
-        return torch_hyper.hyper_linear_forward(x, h, head_weight, head_bias, out_features, bias, act, w0,
-                                                save_preact)
     batch, n, _ = x.shape
     keep = save_preact and act.needs_preactivation
     y = x.new_empty((batch, n, out_features))
     z = x.new_empty(y.shape) if keep else None
-    with _device_guard(x):
+    with device_guard(x):
         _forward_into(x, h, head_weight, head_bias, out_features, bias, y, z, act, w0)
     return y, (z if keep else x.new_empty(0))
 
@@ -442,18 +407,14 @@ def hyper_linear_backward(grad_y: Tensor, x: Tensor, h: Tensor, head_weight: Ten
     """``(dx, dh, dhead_weight, dhead_bias)``, contiguous, None where ``output_mask`` says not needed."""
     need_x, need_h, need_g, need_gb = output_mask
     need_gb = need_gb and head_bias is not None
-    if _empty_problem(x, h, out_features):
-        from ..torch import hyper_linear as torch_hyper
-        return torch_hyper.hyper_linear_backward(grad_y, x, h, head_weight, head_bias, y, preact, out_features,
-                                                 bias, act, w0, (need_x, need_h, need_g, need_gb))
     batch, n, i = x.shape
     k = h.shape[1]
     o = out_features
     r = batch * n
-    g_w3, g_c, gb_w, gb_c = _split_head(head_weight, head_bias, o, i, bias)
+    g_w3, g_c, gb_w, gb_c = split_head(head_weight, head_bias, o, i, bias)
     hr = h.unsqueeze(1)
     dx = dh = dg = dgb = None
-    with _device_guard(x):
+    with device_guard(x):
         load_z = act.needs_preactivation
         load_y = not load_z and act.code != _ACT_NONE.code
         if load_z and preact.numel() == 0:  # the forward kept no pre-activation: recompute it
@@ -462,7 +423,7 @@ def hyper_linear_backward(grad_y: Tensor, x: Tensor, h: Tensor, head_weight: Ten
         dz = x.new_empty((batch, n, o))
         yv = y if load_y else grad_y
         zv = preact if load_z else grad_y
-        _dz_kernel[(_check_grid(triton.cdiv(r, _DZ_BLOCK_R)),)](
+        _dz_kernel[(check_grid(triton.cdiv(r, _DZ_BLOCK_R)),)](
             grad_y, yv, zv, dz, r, n, o, *grad_y.stride(), *yv.stride(), *zv.stride(), w0,
             ACT=act.code, LOAD_Y=load_y, LOAD_Z=load_z, BLOCK_R=_DZ_BLOCK_R, BLOCK_O=_DZ_BLOCK_O,
             num_warps=_DZ_WARPS,
@@ -476,7 +437,7 @@ def hyper_linear_backward(grad_y: Tensor, x: Tensor, h: Tensor, head_weight: Ten
         if need_h:
             # Rows are (sample, point) pairs: float32 per-row sums, added over the points of each sample.
             per_row = torch.empty((r, k), dtype=torch.float32, device=x.device)
-            _launch_rows(_DH, dz, x, _flat(g_w3, o * i, k), g_c, None, None, per_row, None, _ACT_NONE, w0)
+            _launch_rows(_DH, dz, x, g_w3.reshape(o * i, k), g_c, None, None, per_row, None, _ACT_NONE, w0)
             dh = (per_row if n == 1 else per_row.view(batch, n, k).sum(1)).to(h.dtype)
         if need_g:
             dg = head_weight.new_empty(head_weight.shape)
