@@ -25,7 +25,7 @@ test: setup
 bench: setup
 	$(PY) bench/run.py
 
-# The offline GPU compile check, every case (CI runs a subset: tests/test_gpu_compile.py): each Triton kernel
+# The offline GPU compile check, every case (CI runs a subset: tests/backends/triton/test_gpu_compile.py): each Triton kernel
 # through its launcher for sm_90 and sm_80, and csrc/ through nvcc, no GPU needed. Rewrites the resource table.
 # JOBS=N compiles in N processes; the raw records go to build/gpu_resources.json (`--from-json` re-tabulates them).
 JOBS ?= 2
