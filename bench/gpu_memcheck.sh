@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# compute-sanitizer memcheck of every kernel path, in a device call of its own (the sanitizer multiplies
-# run times, and a machine without it would waste the session's first call):
+# compute-sanitizer memcheck of every kernel path, in a run of its own (the sanitizer multiplies run times, and
+# on a machine without it the first GPU run would be spent on nothing):
 #
 #   OUT=/some/dir bash bench/gpu_memcheck.sh
 #

@@ -15,7 +15,7 @@
 #   report  the benchmark's table and plot from its JSON if the run was cut short; a digest in session.log
 # Stage i must end by start + the sum of the budgets of stages 1..i: a stage also gets the time the ones before
 # it left unused, never time of the ones after it, and the whole run ends within the sum (<= 540 s, inside a
-# 600-s device command). At its limit a stage's main process gets SIGINT (pytest then prints its summary, the
+# 600-s remote command). At its limit a stage's main process gets SIGINT (pytest then prints its summary, the
 # smoke its tally); a few seconds later its whole process group is killed. Each stage runs whatever the one
 # before it did (failed, timed out, was skipped). Everything is written to $OUT as it is produced, at most 8
 # files (all a remote run may bring back): session.log (environment, one line per stage start and end, digest),

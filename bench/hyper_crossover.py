@@ -21,7 +21,7 @@ events of ``torch.profiler`` (``profile_memory=True``), on CUDA by ``torch.cuda.
 for the targets of ``bench/cases_training.py``'s CPU rows (and a few more), ``hnet(cond, x)`` forward+backward
 (the gradients of every parameter) and forward, with the head fused and generated, against the model's sums.
 
-For each row, "auto" is what ``hyperkernels._dispatch.choose_hyper_linear`` picks (the cost model with the
+For each row, "auto" is what ``hyperkernels._dispatch.generate_is_better`` picks (the cost model with the
 prices committed there), and the row is within bounds when auto's measured median time is at most 1.1x the
 faster way's and its peak memory at most 1.25x the smaller way's.
 """
@@ -40,12 +40,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hyperkernels as hk  # noqa: E402
 from hyperkernels import _dispatch  # noqa: E402
-from hyperkernels._dispatch import GENERATE, HyperShape, Machine  # noqa: E402
+from hyperkernels._dispatch import HyperShape, Machine  # noqa: E402
 from hyperkernels.backends.torch import hyper_linear as torch_hyper  # noqa: E402
 from timing import peak_bytes, time_interleaved  # noqa: E402
 
-# (B at N = 1, in, out, K): the issue's layer (a hypernetwork with a 100-wide hidden layer generating
-# Linear(100, 5)), the first layer of the same target (Linear(2, 100)), then out < K, out = K and out > K.
+# (B at N = 1, in, out, K): Linear(100, 5) generated from a 100-wide hidden state (the second layer of a 2-100-5
+# target), the first layer of the same target (Linear(2, 100)), then out < K, out = K and out > K.
 # Rows with N > 1 keep B*N = B (same number of rows r = (b, n) in every GEMM).
 CPU_SHAPES = [(4096, 100, 5, 100), (4096, 2, 100, 100), (1024, 64, 16, 64), (1024, 64, 64, 64),
               (512, 32, 128, 128), (1024, 64, 256, 16), (256, 256, 256, 32)]
@@ -91,11 +91,11 @@ def _ways(x, h, head_weight, head_bias, out_features, fused_backend, grad):
             torch.autograd.grad(y, wrt, torch.ones_like(y))
         return forward_backward
 
-    return {"fused": step(fused), GENERATE: step(generate)}
+    return {"fused": step(fused), "generate": step(generate)}
 
 
 def _work(way: str, fused_backend: str, shape: HyperShape):
-    if way == GENERATE:
+    if way == "generate":
         return _dispatch.generate_work(shape)
     return (_dispatch.fused_work_triton if fused_backend == "triton" else _dispatch.fused_work_torch)(shape)
 
@@ -191,8 +191,7 @@ def report(rows: list, device: torch.device, header: list, fit: bool) -> list:
         dtype = getattr(torch, row["dtype"])
         times, peaks = row["times"], row["peaks"]
         shape = _shape(row)
-        choice = _dispatch.choose_hyper_linear(device, dtype, [shape], machine=machine)
-        auto = GENERATE if choice == GENERATE else "fused"
+        auto = "generate" if _dispatch.generate_is_better(device, dtype, [shape], machine=machine) else "fused"
         predicted = _dispatch.hyper_linear_costs(impl, device, [shape], machine)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         time_ratio = med[auto] / min(med.values())
@@ -203,10 +202,10 @@ def report(rows: list, device: torch.device, header: list, fit: bool) -> list:
         ok_rows += ok
         attainable_rows += attainable
         time_ok += time_ratio <= TIME_BOUND
-        cells = [f"{statistics.median(times[w]):.2f} ({min(times[w]):.2f})" for w in ("fused", GENERATE)]
-        cells += [f"{peaks[w] / 2**20:.1f}" for w in ("fused", GENERATE)]
-        cells.append(f"{predicted['fused'][0] * 1e3:.1f} / {predicted[GENERATE][0] * 1e3:.1f}")
-        cells.append(f"{predicted['fused'][1] / 2**20:.1f} / {predicted[GENERATE][1] / 2**20:.1f}")
+        cells = [f"{statistics.median(times[w]):.2f} ({min(times[w]):.2f})" for w in ("fused", "generate")]
+        cells += [f"{peaks[w] / 2**20:.1f}" for w in ("fused", "generate")]
+        cells.append(f"{predicted['fused'][0] * 1e3:.1f} / {predicted['generate'][0] * 1e3:.1f}")
+        cells.append(f"{predicted['fused'][1] / 2**20:.1f} / {predicted['generate'][1] / 2**20:.1f}")
         what = ("fwd+bwd, x grad" if row["x_grad"] else "fwd+bwd") if row["grad"] else "fwd"
         verdict = "yes" if ok else ("no" if attainable else "no: neither way meets both")
         lines.append(f"| {row['dtype']} | {row['b']} | {row['n']} | {row['i']} | {row['o']} | {row['k']} | {what} | "
@@ -260,20 +259,20 @@ def networks(device: torch.device, rounds: int, clock) -> list:
                     y = hnet(cond, x)
                     return torch.autograd.grad(y, params, torch.ones_like(y))
                 return run
-            fns = {"fused": way(True), GENERATE: way(False)}
+            fns = {"fused": way(True), "generate": way(False)}
             timings = time_interleaved(fns, device, budget_s=0, min_rounds=rounds, max_rounds=rounds, clock=clock)
             med = {w: t.median_ms for w, t in timings.items()}
             with torch.set_grad_enabled(grad):
                 hnet.fused = None
                 shapes = hnet._hyper_layers(x)
-                picked = "fused" if hnet._fused_backend(x) is not None else GENERATE
+                picked = "fused" if hnet._fused_backend(x) is not None else "generate"
             impl = "triton" if device.type == "cuda" else "torch_bmm"
             model = _dispatch.hyper_linear_costs(impl, device, shapes)
             per_layer = _dispatch.hyper_linear_costs(impl, device, [HyperShape(**{**vars(s), "mlp_op": False})
                                                                     for s in shapes])
             lines.append(f"| {'-'.join(map(str, sizes))} | {k} | {b} | {n} | {'fwd+bwd' if grad else 'fwd'} | "
-                         f"{med['fused']:.2f} | {med[GENERATE]:.2f} | {model['fused'][0] * 1e3:.1f} / "
-                         f"{model[GENERATE][0] * 1e3:.1f} | {per_layer[GENERATE][0] * 1e3:.1f} | {picked} | "
+                         f"{med['fused']:.2f} | {med['generate']:.2f} | {model['fused'][0] * 1e3:.1f} / "
+                         f"{model['generate'][0] * 1e3:.1f} | {per_layer['generate'][0] * 1e3:.1f} | {picked} | "
                          f"{med[picked] / min(med.values()):.2f} |")
             print(lines[-1], file=sys.stderr, flush=True)
     return lines

@@ -1,8 +1,8 @@
-// The kernel families as the entry points (batched_linear.cu) see them: one parameter struct and
+// The kernel families as the entry points (batched_linear.cpp) see them: one parameter struct and
 // one launcher each, dtype given as the DType code.
 //
 // Every family is written once over a generic problem and each use maps its operands onto it by
-// passing strides (batched_linear.cu says which). Each launcher picks its own variant from the
+// passing strides (batched_linear.cpp says which). Each launcher picks its own variant from the
 // pointers and strides it is given (vector or scalar loads, which dim the lanes run along,
 // tensor-core or FMA math), so the entry points only decide roles and splits; the launchers
 // check the launch and raise, naming `op`, the kernel and the dtype, if it fails.

@@ -8,11 +8,12 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from ._validate import BACKEND_NAMES, check_backend
 from .backends import Backend
 from .backends.torch import hyper_linear as _torch_hyper
 
-__all__ = ["BackendUnavailableError", "available_backends", "get_backend", "resolve_backend", "check_backend_name",
-           "BACKEND_NAMES", "HyperShape", "generate_is_better", "hyper_linear_costs"]
+__all__ = ["BackendUnavailableError", "available_backends", "get_backend", "resolve_backend", "BACKEND_NAMES",
+           "HyperShape", "generate_is_better", "hyper_linear_costs"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -32,8 +33,6 @@ _IMPLEMENTATIONS = {
 _OP_METHODS = {"batched_linear": "linear_forward", "batched_conv1x1": "linear_forward",
                "batched_mlp": "mlp_forward", "hyper_linear": "hyper_linear_forward"}
 
-# Names a user may pass as ``backend=``.
-BACKEND_NAMES = ("auto", "torch", *_IMPLEMENTATIONS)
 
 
 @lru_cache(maxsize=None)
@@ -425,15 +424,6 @@ def generate_is_better(device: torch.device, dtype: torch.dtype, layers: Sequenc
     return t_g < t_f
 
 
-def check_backend_name(requested: object) -> str:
-    """``requested`` if it is a name a user may pass as ``backend=``, else a clear error."""
-    if not isinstance(requested, str):
-        raise TypeError(f"backend: expected a string, one of {list(BACKEND_NAMES)}, got {type(requested).__name__}")
-    if requested not in BACKEND_NAMES:
-        raise ValueError(f"backend: expected one of {list(BACKEND_NAMES)}, got {requested!r}")
-    return requested
-
-
 def resolve_backend(requested: str, *, op: str, device: torch.device, dtype: torch.dtype, empty: bool = False,
                     widths: Sequence[int] = ()) -> str:
     """Turn the user's ``backend=`` into the name of the implementation that runs ``op`` on tensors of this device
@@ -441,7 +431,7 @@ def resolve_backend(requested: str, *, op: str, device: torch.device, dtype: tor
     input or output size); bmm runs those, keeping autograd intact. ``widths``: every layer width of a
     batched_mlp (in, hidden..., out), which "auto" needs. For hyper_linear the answer is the backend that runs it
     fused; whether "auto" generates the weights instead is :func:`generate_is_better`'s call."""
-    check_backend_name(requested)
+    check_backend(requested)
     if empty:
         return _TORCH_FORMULATION
     if requested == "auto":

@@ -12,6 +12,10 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# Names a user may pass as ``backend=``: "auto", "torch" (its bmm formulation), and the concrete implementations
+# that ``_dispatch`` registers (a test checks that the two lists agree).
+BACKEND_NAMES = ("auto", "torch", "torch_bmm", "torch_conv", "triton", "cuda")
+
 
 def check_tensor(name: str, t: object, shape_hint: str) -> Tensor:
     if not isinstance(t, Tensor):
@@ -44,9 +48,11 @@ def check_size(name: str, dim_desc: str, got: int, expected: int, expected_from:
 
 def check_backend(backend: object) -> str:
     """``backend`` if it is a name a user may pass as ``backend=``, else a clear error."""
-    from ._dispatch import check_backend_name  # here: the registry imports the backends, which use this module
-
-    return check_backend_name(backend)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a string, one of {list(BACKEND_NAMES)}, got {type(backend).__name__}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of {list(BACKEND_NAMES)}, got {backend!r}")
+    return backend
 
 
 def check_w0(w0: object) -> float:

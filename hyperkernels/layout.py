@@ -222,18 +222,25 @@ class ParamLayout:
             views[name] = piece.unflatten(1, shape) if shape else piece.squeeze(1)
         return views
 
-    def check_dict(self, params: Mapping[str, Tensor], argname: str = "params") -> int:
-        """Raise unless ``params`` holds exactly this layout's names with shapes ``(B, *shape)``;
-        return B."""
+    def check_dict_keys(self, params: Mapping[str, Tensor], argname: str = "params",
+                        held_elsewhere: Sequence[str] = ()) -> None:
+        """Raise unless ``params`` is a dict of exactly this layout's names. ``held_elsewhere``: names a caller keeps
+        outside the layout (e.g. shared parameters), named in the message when given here by mistake."""
         if not isinstance(params, Mapping):
             raise TypeError(f"{argname}: expected a dict name -> (B, *shape) tensor, got {type(params).__name__}")
         missing = [n for n in self._shapes if n not in params]
         extra = [n for n in params if n not in self._shapes]
         if missing or extra:
-            raise ValueError(
-                f"{argname}: keys do not match the layout: missing {missing}, unexpected {extra} "
-                f"(expected exactly {self.names})"
-            )
+            elsewhere = [n for n in extra if n in held_elsewhere]
+            note = f"; {elsewhere} are shared (held by the module itself): leave them out" if elsewhere else ""
+            raise ValueError(f"{argname}: keys do not match the per-sample parameters: missing {missing}, unexpected "
+                             f"{extra} (expected exactly {self.names}){note}")
+
+    def check_dict(self, params: Mapping[str, Tensor], argname: str = "params",
+                   held_elsewhere: Sequence[str] = ()) -> int:
+        """Raise unless ``params`` holds exactly this layout's names (see :meth:`check_dict_keys`) with shapes
+        ``(B, *shape)``; return B."""
+        self.check_dict_keys(params, argname, held_elsewhere)
         batch = None
         for name, shape in self._shapes.items():
             t = params[name]

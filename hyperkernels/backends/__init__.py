@@ -6,10 +6,10 @@ function. The op layer (``hyperkernels/ops``) calls them; it never looks inside.
 Conventions every backend keeps:
 
 * Per-sample linear, ``linear_forward(x, weight, bias, act, w0, channel_major, save_preact)``:
-  ``x`` is ``(B, N, K)`` (``channel_major=False``, token-major) or ``(B, K, S)`` (``channel_major=True``,
-  the 1x1 conv layout), with any strides; ``weight (B, M, K)`` and ``bias (B, M)`` or None, any strides
+  ``x`` is ``(B, N, in)`` (``channel_major=False``, token-major) or ``(B, in, S)`` (``channel_major=True``,
+  the 1x1 conv layout), with any strides; ``weight (B, out, in)`` and ``bias (B, out)`` or None, any strides
   (batch stride 0 for a weight shared by every sample). Returns ``(y, preact)``: ``y`` contiguous
-  ``(B, N, M)`` or ``(B, M, S)``; ``preact`` the pre-activation in the same layout when ``save_preact``,
+  ``(B, N, out)`` or ``(B, out, S)``; ``preact`` the pre-activation in the same layout when ``save_preact``,
   else an empty tensor. ``act`` is an :class:`~hyperkernels.activations.Activation`.
 * ``linear_backward(grad_y, x, weight, bias, y, preact, act, w0, channel_major, output_mask)`` returns
   ``(dx, dweight, dbias)``, each contiguous (``dx`` in ``x``'s layout) or None where ``output_mask``
@@ -59,3 +59,9 @@ class Backend(Protocol):
         self, grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, preact: Tensor,
         act: Activation, w0: float, channel_major: bool, output_mask: tuple[bool, bool, bool],
     ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]: ...
+
+    # Optional members, read with hasattr by the registry (``_dispatch.implements``): ``mlp_forward``,
+    # ``mlp_backward`` and ``mlp_saves_layers(single_point) -> bool`` (whether the forward should save each
+    # layer's values for the backward, or the backward recompute them), with ``mlp_max_width: int`` (the widest
+    # layer its fused MLP takes; "auto" sends wider nets to torch); ``hyper_linear_forward`` and
+    # ``hyper_linear_backward``. Their signatures are in this module's docstring.

@@ -106,8 +106,8 @@ def check_params(params, layout: ParamLayout, shared_names: Sequence[str], argna
             if params.dim() == 1 and params.shape[0] == P:
                 hint = "; for one weight set used by every sample, pass params.expand(B, -1) (no copy)"
             elif params.dim() == 2 and params.shape[1] > P:
-                hint = (f"; if the extra {params.shape[1] - P} entries are padding (hyper-nn pads its output to a whole "
-                        f"number of chunks), pass params[:, :{P}]")
+                hint = (f"; if the extra {params.shape[1] - P} entries are padding (hyper-nn pads its output to a "
+                        f"whole number of chunks), pass params[:, :{P}]")
             elif params.dim() > 2:
                 hint = "; flatten it to (B, P), or pass a dict like module.state_dict() with a leading batch dim"
             raise ValueError(f"{argname}: expected flat per-sample parameters of shape (B, {P}){shared_note}, got "
@@ -123,20 +123,14 @@ def check_params(params, layout: ParamLayout, shared_names: Sequence[str], argna
     if not isinstance(params, Mapping):
         raise TypeError(f"{argname}: expected a flat (B, {P}) tensor or a dict name -> (B, *shape) tensor, got "
                         f"{type(params).__name__}")
-    missing = [n for n in layout.names if n not in params]
-    extra = [n for n in params if n not in layout]
-    if missing or extra:
-        shared_extra = [n for n in extra if n in shared_names]
-        note = f"; {shared_extra} are shared (held by the module itself): leave them out" if shared_extra else ""
-        raise ValueError(f"{argname}: keys do not match the per-sample parameters: missing {missing}, unexpected "
-                         f"{extra} (expected exactly {layout.names}){note}")
+    layout.check_dict_keys(params, argname, shared_names)
     for name, shape in layout.shapes.items():
         t = params[name]
         if isinstance(t, Tensor) and tuple(t.shape) == shape and len(shape) >= 1:
             raise ValueError(f"{argname}[{name!r}]: expected shape (B, {', '.join(map(str, shape))}), got "
                              f"{tuple(t.shape)}: the batch dim is missing (HyperLight's HyperNet drops it when B is "
                              "1): add it with .unsqueeze(0)")
-    _check_batch(argname, layout.check_dict(params, argname), batch)
+    _check_batch(argname, layout.check_dict(params, argname, shared_names), batch)
     for name in layout.names:
         _validate.check_tensor(f"{argname}[{name!r}]", params[name], "(B, *shape)")
     _validate.check_same_dtype_device([(f"{argname}[{n!r}]", params[n]) for n in layout.names])

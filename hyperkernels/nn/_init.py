@@ -38,7 +38,8 @@ def hyperfan_init_(head: nn.Linear, layout: ParamLayout, variances: Mapping[str,
 
 
 def default_init_stats(module: nn.Module, params: Mapping[str, Tensor]) -> dict:
-    """name -> (mean, variance) of each parameter's default initialisation (see BatchedSequential.default_init_variance)."""
+    """name -> (mean, variance) of each parameter's default initialisation (see
+    ``BatchedSequential.default_init_variance``)."""
     name_of = {id(p): n for n, p in params.items()}
     stats = {}
     for m in module.modules():

@@ -337,11 +337,7 @@ class HyperNetwork(nn.Module):
         if cond.dim() != 2 or cond.shape[1] != self.cond_features:
             raise ValueError(f"cond: expected shape (B, {self.cond_features}) (B conditions of cond_features="
                              f"{self.cond_features}), got shape {tuple(cond.shape)}")
-        p = self.head.weight
-        if cond.dtype != p.dtype:
-            raise TypeError(f"cond: expected dtype {p.dtype} (the hypernetwork's parameters), got {cond.dtype}")
-        if cond.device != p.device:
-            raise ValueError(f"cond: expected device {p.device} (the hypernetwork's parameters), got {cond.device}")
+        check_same_dtype_device([("the hypernetwork's parameters", self.head.weight), ("cond", cond)])
 
     def _check_generated(self, out, batch: int, x=None):
         """The user's hypernet output, checked like ``target``'s params (a ``(B, P)`` tensor or a dict of
@@ -439,4 +435,5 @@ class HyperNetwork(nn.Module):
         p = self.head.weight
         # One decision for the whole network: the cost model of both ways summed over the generated layers.
         layers = [] if self.fused else self._hyper_layers(x)
-        return hyper_linear_way(self.target.backend, p.device, p.dtype, layers, may_generate=self.fused is None)
+        way = hyper_linear_way(self.target.backend, p.device, p.dtype, layers, may_generate=self.fused is None)
+        return None if way.generate else way.backend

@@ -14,7 +14,7 @@ twice (``_double_backward.py``), whatever backend ran the first two passes.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ from ._double_backward import backward_of_backward
 from ._grad import grad_will_be_needed
 from .linear import apply_linear
 
-__all__ = ["apply_hyper_linear", "hyper_linear_way", "hyper_linear_op", "hyper_linear_backward_op"]
+__all__ = ["apply_hyper_linear", "HyperLinearWay", "hyper_linear_way", "hyper_linear_op", "hyper_linear_backward_op"]
 
 
 def apply_hyper_linear(x: Tensor, h: Tensor, head_weight: Tensor, head_bias: Optional[Tensor], out_features: int,
@@ -38,25 +38,31 @@ def apply_hyper_linear(x: Tensor, h: Tensor, head_weight: Tensor, head_bias: Opt
     grad = grad_will_be_needed(x, h, head_weight, head_bias)
     layer = HyperShape(batch, n, in_features, out_features, h.shape[1], bias, head_bias is not None,
                        x.element_size(), grad, grad and x.requires_grad)
-    impl = hyper_linear_way(backend, x.device, x.dtype, [layer], may_generate=backend == "auto",
-                            empty=x.numel() == 0 or h.numel() == 0)
-    if impl is None:
+    way = hyper_linear_way(backend, x.device, x.dtype, [layer], may_generate=backend == "auto",
+                           empty=x.numel() == 0 or h.numel() == 0)
+    if way.generate:
         weight, c = torch_hyper.generate(h, head_weight, head_bias, out_features, in_features, bias)
         return apply_linear(x, weight, c, act, w0, False, "auto")
+    impl = way.backend
     if runs_as_composition(impl, "hyper_linear", n):
         return torch_hyper.reference_forward(x, h, head_weight, head_bias, out_features, bias, act, w0)
     save_preact = act.needs_preactivation and grad
     return hyper_linear_op(x, h, head_weight, head_bias, out_features, bias, act.name, w0, save_preact, impl)[0]
 
 
+class HyperLinearWay(NamedTuple):
+    """How generated layers run: ``generate`` their weights (one GEMM) and apply them, or fused by ``backend``."""
+
+    generate: bool
+    backend: str
+
+
 def hyper_linear_way(backend: str, device: torch.device, dtype: torch.dtype, layers: Sequence[HyperShape], *,
-                     may_generate: bool, empty: bool = False) -> Optional[str]:
-    """The backend that runs ``layers`` (one after the other) fused, or None to generate their weights and apply
-    them, which only ``may_generate`` allows and only where the cost model says it is better."""
+                     may_generate: bool, empty: bool = False) -> HyperLinearWay:
+    """How ``layers`` (run one after the other) run: fused by the backend ``backend`` resolves to, or, only where
+    ``may_generate`` and the cost model says it is better, generate-then-apply."""
     impl = resolve_backend(backend, op="hyper_linear", device=device, dtype=dtype, empty=empty)
-    if may_generate and not empty and generate_is_better(device, dtype, layers, impl):
-        return None
-    return impl
+    return HyperLinearWay(may_generate and not empty and generate_is_better(device, dtype, layers, impl), impl)
 
 
 @torch.library.custom_op("hyperkernels::hyper_linear", mutates_args=())

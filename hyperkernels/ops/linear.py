@@ -39,6 +39,8 @@ def apply_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activat
         formulation = "conv" if impl == "torch_conv" else "bmm"
         return torch_linear.linear_forward(x, weight, bias, act, w0, channel_major, False, formulation)[0]
     save_preact = act.needs_preactivation and grad_will_be_needed(x, weight, bias)
+    # A custom op's schema holds tensors, numbers and strings: the activation crosses it by name, and the op's
+    # implementations look the Activation up again on the other side.
     return batched_linear_op(x, weight, bias, act.name, w0, channel_major, save_preact, impl)[0]
 
 
@@ -55,7 +57,7 @@ def _runs_as_composition_here(backend: str, device: torch.device, dtype: torch.d
     key = (backend, device, dtype)
     if key not in _COMPOSITION:  # linear layers are decided by device and dtype alone: one lookup per kind
         impl = resolve_backend(backend, op="batched_linear", device=device, dtype=dtype)
-        _COMPOSITION[key] = runs_as_composition(impl, "batched_linear", 1)
+        _COMPOSITION[key] = runs_as_composition(impl, "batched_linear", 1)  # for linear, whatever the points
     return _COMPOSITION[key]
 
 

@@ -17,9 +17,9 @@ from conftest import ROOT
 SESSION = os.path.join(ROOT, "bench", "gpu_session.sh")
 MEMCHECK = os.path.join(ROOT, "bench", "gpu_memcheck.sh")
 SMOKE = os.path.join(ROOT, "bench", "gpu_smoke.py")
-# A device call returns at most 8 files from $OUT; these are all the session may write.
+# What the script may write to $OUT: these 7 files (a remote run brings back at most 8).
 SESSION_FILES = {"session.log", "build.log", "smoke.log", "tests.log", "bench.log", "bench.json", "bench.png"}
-DEVICE_COMMAND_LIMIT = 600  # seconds, one device command
+DEVICE_COMMAND_LIMIT = 600  # seconds: the limit of the command that runs the script on a GPU machine
 SESSION_LIMIT = 540  # what the stages may take together, leaving room for the machine's own start-up
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),

@@ -100,8 +100,8 @@ def test_fused_none_is_one_cost_model_decision_over_the_layers(monkeypatch):
 
 
 @pytest.mark.parametrize("batch", [512, 4096])
-def test_fused_none_on_the_issue_model_generates(batch, monkeypatch):
-    """The issue's model (target 2-100-5, a 100-wide hidden layer, one point per sample): the fused head forms
+def test_fused_none_on_a_2_100_5_target_generates(batch, monkeypatch):
+    """A 2-100-5 target (a 100-wide hidden layer, one point per sample): the fused head forms
     (B, 100*100) products for the second layer where generating writes (B, 505) weights; the default must not
     take it on CPU."""
     target = nn.Sequential(nn.Linear(2, 100), nn.ReLU(), nn.Linear(100, 5))

@@ -26,15 +26,15 @@ def _peak_cpu_bytes(fn) -> int:
     return timing.peak_bytes(fn, torch.device("cpu"))
 
 
-# (B, N, in, out, K) and the way the cost model must pick on CPU for a training step. The issue's shape: a
+# (B, N, in, out, K) and the way the cost model must pick on CPU for a training step. The first: a
 # hypernetwork with a 100-wide hidden state generating Linear(100, 5), one point per sample, where the fused op
 # forms (B, 100*100) products to save writing (B, 505) weights (bench/results/cpu_hyper_crossover.md: 2.5x slower).
 CPU_CHOICES = [
-    ((4096, 1, 100, 5, 100), "generate"),      # the issue: out << K
+    ((4096, 1, 100, 5, 100), "generate"),    # out << K
     ((1024, 1, 64, 256, 16), "torch_bmm"),   # out >> K: the weights are 16x the products
     ((512, 1, 255, 257, 3), "torch_bmm"),    # odd sizes, K = 3: 3 products per input against 257 weights
-    ((64, 64, 64, 64, 64), "generate"),        # many points per sample: N times the fused FLOPs
-    ((257, 16, 100, 5, 100), "generate"),      # out << K and 16 points per sample
+    ((64, 64, 64, 64, 64), "generate"),      # many points per sample: N times the fused FLOPs
+    ((257, 16, 100, 5, 100), "generate"),    # out << K and 16 points per sample
 ]
 
 
@@ -114,8 +114,8 @@ def test_auto_rule_gpu_model():
 def test_named_backends_skip_the_auto_rule():
     """A named backend runs hyper_linear fused even where "auto" would generate (here: out << K)."""
     cpu, layers = torch.device("cpu"), [HyperShape(4096, 1, 100, 5, 100)]
-    assert hyper_linear_way("auto", cpu, torch.float32, layers, may_generate=True) is None
-    assert hyper_linear_way("torch", cpu, torch.float32, layers, may_generate=False) == "torch_bmm"
+    assert hyper_linear_way("auto", cpu, torch.float32, layers, may_generate=True).generate
+    assert hyper_linear_way("torch", cpu, torch.float32, layers, may_generate=False) == (False, "torch_bmm")
     assert resolve_backend("torch", op="hyper_linear", device=cpu, dtype=torch.float32) == "torch_bmm"
 
 

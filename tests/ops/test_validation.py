@@ -79,3 +79,11 @@ def test_unsupported_dtype_for_an_explicit_backend_is_an_error_and_auto_avoids_i
             with pytest.raises(ValueError, match=rf"backend='{name}' cannot run batched_linear here: .*float64"):
                 hk.batched_linear(X.double(), W.double(), backend=name)
     hk.batched_linear(X.double(), W.double())  # auto picks a backend that runs it
+
+
+def test_backend_names_are_the_registered_implementations():
+    """The names `backend=` accepts (validated before any import of a backend) are "auto", "torch" and exactly the
+    implementations the registry knows."""
+    assert set(hk.BACKEND_NAMES) - {"auto", "torch"} == set(hk._dispatch._IMPLEMENTATIONS)
+    with pytest.raises(ValueError, match=r"backend: expected one of \['auto', 'torch'"):
+        hk.nn.batched(torch.nn.Linear(2, 3), backend="tritonn")

@@ -28,7 +28,8 @@ def reference_forward(x: Tensor, params: Tensor, spec: MLPSpec, act: Activation,
     h = x
     for i in range(spec.num_layers):
         weight, bias = layer_params(params, spec, i)
-        h = spec.layer_activation(i, act, out_act).forward(torch_linear.preactivation(h, weight, bias, False, "bmm"), w0)
+        z = torch_linear.preactivation(h, weight, bias, False, "bmm")
+        h = spec.layer_activation(i, act, out_act).forward(z, w0)
     return h
 
 

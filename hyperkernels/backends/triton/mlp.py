@@ -9,8 +9,8 @@ Specialisation. A kernel is compiled per network: the widths ``SIZES``, their pa
 at least 16, tl.dot's smallest), the weight and bias offsets in a row ``WOFF`` / ``BOFF`` and the activation of
 each layer ``ACTS`` are constexpr tuples, and the layers are unrolled with ``tl.static_range``, so every layer's
 tiles have their own compile-time shape and the activations of one layer feed the next in registers. Widths up to
-``MAX_WIDTH``; wider layers are cut into chunks of rows (``CHUNKS``, per layer) so that no tile outgrows the
-registers (``_jit.py``'s chunked rows), compiled only for layers that need it.
+``TritonBackend.mlp_max_width``; wider layers are cut into chunks of rows (``CHUNKS``, per layer) so that no tile
+outgrows the registers (``_jit.py``'s chunked rows), compiled only for layers that need it.
 
 What the backward needs, recompute or keep (``TritonBackend.mlp_saves_layers``: keep for ``N == 1`` only):
 
@@ -40,13 +40,9 @@ from torch import Tensor
 
 from ...activations import Activation
 from ...layout import MLPSpec
-from . import TritonBackend, mlp_gemm, mlp_gemv
+from . import mlp_gemm, mlp_gemv
 from ._launch import device_guard, dot_flags, programs_to_fill
 from .mlp_tiles import pad
-
-# The widest layer the kernels take (in, hidden and out alike): the backend object's number, kept here for the
-# launchers' callers.
-MAX_WIDTH = TritonBackend.mlp_max_width
 
 # What the forward stores of each layer when asked to keep (``MLPSpec.saved_kinds``), as the kernels'
 # KIND codes (``_jit.save_layer``).

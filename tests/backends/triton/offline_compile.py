@@ -557,7 +557,7 @@ def write_table(results: dict, csrc: list[dict], path: str, command: str) -> Non
 
 
 # ------------------------------------------------------------------------------------------------------
-# How many distinct kernels a GPU test run compiles (for planning a device session)
+# How many distinct kernels a GPU test run compiles (to size a GPU test run's time)
 # ------------------------------------------------------------------------------------------------------
 
 

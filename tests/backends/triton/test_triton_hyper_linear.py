@@ -95,7 +95,7 @@ def _gpu_problem(b, n, i, o, k, dtype):
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_gpu_issue_shape_matches_generate(dtype):
-    """The issue's shape, B = 16384, K = 128, 256x256, N = 1: triton against generate-then-bmm in float64 on a
+    """B = 16384, K = 128, 256x256, N = 1: triton against generate-then-bmm in float64 on a
     slice of samples (the float64 generate of all 16384 would need 4.3 GB x 2)."""
     b, n, i, o, k = 16384, 1, 256, 256, 128
     x, h, head_weight, head_bias = _gpu_problem(b, n, i, o, k, dtype)
@@ -118,7 +118,7 @@ def test_gpu_issue_shape_matches_generate(dtype):
 
 @needs_gpu
 def test_gpu_peak_memory_against_generate():
-    """At the issue's shape the fused forward + backward allocates under a tenth of generate-then-bmm's peak."""
+    """At B = 16384, N = 1, 256 -> 256, K = 128 (bfloat16) the fused forward + backward allocates under a tenth of generate-then-bmm's peak."""
     b, n, i, o, k = 16384, 1, 256, 256, 128
     x, h, head_weight, head_bias = _gpu_problem(b, n, i, o, k, torch.bfloat16)
 
