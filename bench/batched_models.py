@@ -149,6 +149,8 @@ CASES = [
     Case("Sequential, every image layer kind (eval)", every_layer_cnn, 64, (4, 3, 8, 8)),
     Case("residual MLP (own forward)", ResidualMLP, 256, (64, 3)),
     Case("residual MLP, dict params (ensemble)", ResidualMLP, 256, (64, 3), dict_params=True),
+    # small enough that batched()'s fixed per-call work (checks, the split, the per-sample runner) weighs most
+    Case("residual MLP width 16, one point", lambda: ResidualMLP(3, 16, 3, 3), 64, (3,)),
     Case("SIREN class (own forward)", Siren, 64, (256, 2)),
     Case("CNN class (own forward)", SmallCNN, 64, (4, 3, 8, 8)),
     Case("GRUCell stepped 10 times", GRUStepper, 256, (10, 4)),
